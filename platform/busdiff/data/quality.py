@@ -270,8 +270,9 @@ def check_dataset(
     return report
 
 
-def format_report(report: dict[str, Any]) -> str:
-    """A compact text summary: counts table, summary lines, every leak on one line, bad files."""
+def format_report(report: dict[str, Any], max_leaks: int = 30) -> str:
+    """A compact text summary: counts table, summary lines, leaks one a line (exact ones and those
+    across classes first, at most ``max_leaks``: the JSON has them all), bad files."""
     counts: dict[str, dict[str, int]] = report["counts"]
     present = {s for per in counts.values() for s in per}
     splits = [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
@@ -287,12 +288,15 @@ def format_report(report: dict[str, Any]) -> str:
     lines.extend(report["summary"])
     if report["leaks"]:
         lines.append("leaks:")
-        for x in report["leaks"]:
+        ranked = sorted(report["leaks"], key=lambda x: (x["kind"] != "exact", "class" not in x["cross"]))
+        for x in ranked[:max_leaks]:
             dist = "" if x["kind"] == "exact" else f" d={x['distance']}"
             lines.append(
                 f"  {x['kind']}{dist}: {x['a']} ({x['a_class']}/{x['a_split'] or '-'}) ~ "
                 f"{x['b']} ({x['b_class']}/{x['b_split'] or '-'}) across {'+'.join(x['cross'])}"
             )
+        if len(ranked) > max_leaks:
+            lines.append(f"  ... and {len(ranked) - max_leaks} more (all of them in the JSON report)")
     if report["bad_files"]:
         lines.append("bad files:")
         lines.extend(f"  {b['path']}: {b['problem']}" for b in report["bad_files"])
