@@ -105,6 +105,12 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(cfg)
     cfg.set_defaults(func=_cmd_config)
 
+    # ---- finetune subcommand ----
+
+    # ---- generate subcommand ----
+
+    # ---- evaluate subcommands (evaluate, fid) ----
+
     demo = sub.add_parser("demo", help="phantom data, data check and a tiny text2img+img2img grid on Ray")
     _add_config_args(demo)
     demo.set_defaults(func=_cmd_demo)

@@ -109,6 +109,21 @@ class SampleConfig(_Strict):
         return self
 
 
+# ---- finetune: the fine-tuning stage's section (busdiff.finetune) ----
+class FinetuneConfig(_Strict):
+    """Fine-tuning LoRA / textual-inversion adapters on Ray Train."""
+
+
+# ---- generate: the generation stage's section (busdiff.generate) ----
+class GenerateConfig(_Strict):
+    """Generation at scale on Ray Data: plan, text2img, img2img, sink."""
+
+
+# ---- evaluate: the evaluation stage's section (busdiff.evaluate) ----
+class EvaluateConfig(_Strict):
+    """FID/KID with floors, classifier experiments, memorization audit, report."""
+
+
 class BusdiffConfig(_Strict):
     ray: RayConfig = RayConfig()
     data: DataConfig = DataConfig()
@@ -116,6 +131,9 @@ class BusdiffConfig(_Strict):
     phantom: PhantomConfig = PhantomConfig()
     model: ModelConfig = ModelConfig()
     sample: SampleConfig = SampleConfig()
+    finetune: FinetuneConfig = FinetuneConfig()
+    generate: GenerateConfig = GenerateConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
