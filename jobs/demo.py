@@ -6,12 +6,7 @@ ray job submit --working-dir . -- python jobs/demo.py --config jobs/configs/loca
 
 from __future__ import annotations
 
-import sys
-
-from busdiff.cli import main
+from busdiff.cli import run_job
 
 if __name__ == "__main__":
-    args = sys.argv[1:]
-    if args[:1] == ["--config"]:
-        args = args[1:]
-    sys.exit(main(["demo", *args]))
+    run_job("demo")

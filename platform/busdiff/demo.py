@@ -1,20 +1,24 @@
 """The embedded default end to end: phantom data, the data check on Ray, and a text2img + img2img
-sample grid made by Ray Data actors."""
+sample grid made by the generation pipeline (busdiff.generate: Ray Data actors into a resumable sink)."""
 
 from __future__ import annotations
 
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from PIL import Image
 
 from busdiff.config import CLASSES, BusdiffConfig, dump_config
 from busdiff.data.busi import load_dataset, read_image
 from busdiff.data.check import run_data_check
 from busdiff.data.phantom import write_phantom
 from busdiff.data.quality import format_report
-from busdiff.generate.prompts import render_prompt
-from busdiff.generate.stages import Img2Img, Text2Img
+from busdiff.generate.pipeline import GenerateResult, format_summary, run_generate
+from busdiff.generate.plan import build_plan
+from busdiff.generate.sink import SAMPLES, Sink
 from busdiff.storage import write_text
 from busdiff.viz import image_grid
 
@@ -27,59 +31,14 @@ class DemoResult:
     sample_grid: Path
     n_samples: int
     seconds: float
-
-
-def sample_plan(cfg: BusdiffConfig) -> list[dict[str, Any]]:
-    """One row per image: stable id, class, prompt and seeds derived from the config alone."""
-    s = cfg.sample
-    rows = []
-    for c, label in enumerate(CLASSES):
-        for i in range(s.n_per_class):
-            k = c * s.n_per_class + i
-            rows.append(
-                {
-                    "id": f"{label}_{i:04d}",
-                    "label": label,
-                    "prompt": render_prompt(label),
-                    "seed": s.seed + k,
-                    "refine_seed": s.seed + 4000 + k,
-                }
-            )
-    return rows
-
-
-def run_samples(cfg: BusdiffConfig) -> list[dict[str, Any]]:
-    """text2img then img2img over the plan, each stage an actor pool on the connected Ray cluster."""
-    import ray
-
-    s = cfg.sample
-    model = cfg.model.model_dump()
-    common = dict(
-        batch_size=s.batch_size,
-        num_cpus=s.num_cpus_per_actor,
-        num_gpus=s.num_gpus_per_actor,
-        compute=ray.data.ActorPoolStrategy(size=s.num_actors),
-    )
-    ds = ray.data.from_items(sample_plan(cfg))
-    ds = ds.map_batches(
-        Text2Img,
-        fn_constructor_kwargs=dict(model=model, steps=s.steps, guidance=s.guidance, size=s.size),
-        **common,
-    )
-    ds = ds.map_batches(
-        Img2Img,
-        fn_constructor_kwargs=dict(
-            model=model, steps=s.steps, guidance=s.guidance, strength=s.img2img_strength
-        ),
-        **common,
-    )
-    return sorted(ds.take_all(), key=lambda r: (CLASSES.index(r["label"]), r["id"]))
+    generate: GenerateResult | None = None
 
 
 def run_demo(cfg: BusdiffConfig) -> DemoResult:
     """Needs a connected Ray cluster (see busdiff.raycluster.connect)."""
     t0 = time.perf_counter()
-    out = Path(cfg.sample.out)
+    plan = build_plan(cfg)  # config errors before any work
+    out = Path(cfg.generate.out)  # the demo's run directory is the generation sink (a local path)
     out.mkdir(parents=True, exist_ok=True)
     write_text(out / "config.yaml", dump_config(cfg))
 
@@ -94,14 +53,25 @@ def run_demo(cfg: BusdiffConfig) -> DemoResult:
     report = run_data_check(cfg.data, cfg.quality, json_out=out / "data_check.json", use_ray=True)
     print(format_report(report), flush=True)
 
+    g = cfg.generate
     print(
-        f"[3/3] text2img + img2img: {cfg.sample.n_per_class} per class, preset {cfg.model.preset}", flush=True
+        f"[3/3] text2img + img2img: {plan.counts} images, preset {cfg.model.preset}, {g.steps} steps",
+        flush=True,
     )
-    rows = run_samples(cfg)
+    gen = run_generate(cfg, plan)
+    print(format_summary(gen), flush=True)
+    sink = Sink(out)
+    wanted = set(plan.ids)
+    rows = [r for r in sink.read_metadata().to_pylist() if r["id"] in wanted]
+    pictures = [
+        [sink.read_bytes(r["text2img_path"])] * bool(r["text2img_path"])
+        + [sink.read_bytes(f"{SAMPLES}/{r['file_name']}")]
+        for r in rows
+    ]
     grid = out / "samples.png"
     image_grid(
-        [[r["t2i"], r["refined"]] for r in rows],
+        [[Image.open(io.BytesIO(b)) for b in row] for row in pictures],
         row_labels=[r["id"] for r in rows],
-        col_labels=["text2img", "img2img"],
+        col_labels=(["text2img"] if g.keep_text2img or not g.refine else []) + ["img2img"] * g.refine,
     ).save(grid)
-    return DemoResult(out, report, phantom_sheet, grid, len(rows), time.perf_counter() - t0)
+    return DemoResult(out, report, phantom_sheet, grid, len(rows), time.perf_counter() - t0, gen)

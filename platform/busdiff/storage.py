@@ -36,6 +36,7 @@ def write_bytes(path: str | Path, data: bytes) -> str:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; outputs are meant to be read by others
         os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

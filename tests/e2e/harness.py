@@ -134,7 +134,7 @@ class RayHead:
         for p in procs:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.terminate()
-        _, alive = psutil.wait_procs(procs, timeout=10)
+        _, alive = psutil.wait_procs(procs, timeout=3)
         for p in alive:
             with contextlib.suppress(psutil.NoSuchProcess):
                 p.kill()

@@ -1,4 +1,5 @@
-"""One local Ray cluster shared by every test in tests/ray (Ray's own testing advice)."""
+"""One local Ray cluster shared by every test in tests/ray (Ray's own testing advice); it shuts down when
+the package's last test ends, so unit tests can prove they start no Ray."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import os
 import pytest
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def ray_cluster():
     import ray
 

@@ -175,6 +175,8 @@ def test_add_ti_tokens_initialises_rows_and_rejects_bad_tokens():
         add_ti_tokens(tok, te, ["ultrasound</w>"], "ultrasound")
     with pytest.raises(ValueError, match="'<a>' already exists"):
         add_ti_tokens(tok, te, ["<a>"], "ultrasound")
+    with pytest.raises(ValueError, match="'ultrasound' already exists"):  # a whole word: "ultrasound</w>"
+        add_ti_tokens(tok, te, ["ultrasound"], "breast")
     with pytest.raises(ValueError, match="'breast lesion' is not a single token"):
         add_ti_tokens(tok, te, ["<c>"], "breast lesion")
     # added tokens match the raw text (before CLIP's lowercasing), so an upper-case placeholder works too

@@ -42,11 +42,11 @@ def test_phantom_then_check_writes_json(tmp_path, capsys):
 def test_errors_name_the_problem_and_exit_2(tmp_path, capsys):
     assert main(["data", "check", str(tmp_path / "missing")]) == 2
     assert str(tmp_path / "missing") in capsys.readouterr().err
-    (tmp_path / "cfg.yaml").write_text("sample:\n  strength: 2\n")
+    (tmp_path / "cfg.yaml").write_text("generate:\n  strength: 2\n")
     assert main(["config", str(tmp_path / "cfg.yaml")]) == 2
-    assert "sample.strength" in capsys.readouterr().err
+    assert "generate.strength" in capsys.readouterr().err
 
 
 def test_config_prints_resolved_yaml(capsys):
-    assert main(["config", "--set", "sample.steps=11"]) == 0
+    assert main(["config", "--set", "generate.steps=11"]) == 0
     assert "steps: 11" in capsys.readouterr().out

@@ -22,8 +22,8 @@ def test_shipped_configs_are_valid(path):
 
 
 def test_overrides_parse_yaml_scalars_and_nest():
-    assert parse_overrides(["sample.steps=8", "model.preset=tiny", "ray.address=null", "x.y.z=0.5"]) == {
-        "sample": {"steps": 8},
+    assert parse_overrides(["generate.steps=8", "model.preset=tiny", "ray.address=null", "x.y.z=0.5"]) == {
+        "generate": {"steps": 8},
         "model": {"preset": "tiny"},
         "ray": {"address": None},
         "x": {"y": {"z": 0.5}},
@@ -32,9 +32,9 @@ def test_overrides_parse_yaml_scalars_and_nest():
 
 def test_override_beats_file(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("sample:\n  steps: 3\n  size: 32\n")
-    cfg = load_config(p, ["sample.steps=9"])
-    assert (cfg.sample.steps, cfg.sample.size) == (9, 32)
+    p.write_text("generate:\n  steps: 3\n  size: 32\n")
+    cfg = load_config(p, ["generate.steps=9"])
+    assert (cfg.generate.steps, cfg.generate.size) == (9, 32)
 
 
 def test_unknown_choice_names_field_and_allowed_values():
@@ -45,18 +45,18 @@ def test_unknown_choice_names_field_and_allowed_values():
 
 
 def test_unknown_field_is_refused():
-    with pytest.raises(ConfigError, match=r"sample\.stepz"):
-        load_config(None, ["sample.stepz=3"])
+    with pytest.raises(ConfigError, match=r"generate\.stepz"):
+        load_config(None, ["generate.stepz=3"])
 
 
 def test_size_must_be_multiple_of_8():
-    with pytest.raises(ConfigError, match=r"sample.*multiple of 8"):
-        load_config(None, ["sample.size=30"])
+    with pytest.raises(ConfigError, match=r"generate\.size.*multiple of 8"):
+        load_config(None, ["generate.size=30"])
 
 
 def test_img2img_must_run_at_least_one_step():
     with pytest.raises(ConfigError, match=r"int\(2 \* 0.3\) = 0"):
-        load_config(None, ["sample.steps=2", "sample.img2img_strength=0.3"])
+        load_config(None, ["generate.refine_steps=2", "generate.strength=0.3"])
 
 
 def test_split_fractions_must_sum_to_one():
@@ -66,7 +66,7 @@ def test_split_fractions_must_sum_to_one():
 
 def test_bad_override_syntax_and_missing_file(tmp_path):
     with pytest.raises(ConfigError, match="key=value"):
-        load_config(None, ["sample.steps"])
+        load_config(None, ["generate.steps"])
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "nope.yaml")
     bad = tmp_path / "bad.yaml"

@@ -12,6 +12,7 @@ def test_write_creates_parents_and_leaves_no_temp(tmp_path):
     storage.write_text(target, "{}")
     assert target.read_text() == "{}"
     assert [p.name for p in target.parent.iterdir()] == ["report.json"]
+    assert target.stat().st_mode & 0o777 == 0o644
 
 
 def test_failed_write_keeps_old_file_intact(tmp_path, monkeypatch):

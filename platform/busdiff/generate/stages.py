@@ -1,21 +1,29 @@
-"""Text2Img and Img2Img stages as callable classes: Ray Data actors (``map_batches``) and Serve
-replicas construct one, which loads the model once, then call it on column batches.
+"""Text2Img and Img2Img stages as callable classes: Ray Data actors (``map_batches``) and Serve replicas
+construct one, which loads the model (base + adapters, scheduler, speed options) once, then call it on
+column batches.
 
-A batch is a dict of numpy arrays: ``id``, ``label``, ``prompt``, ``seed`` (and ``refine_seed`` for
-img2img). Text2Img adds ``t2i`` (uint8 N×H×W×3); Img2Img refines ``t2i`` into ``refined``.
-Every image has its own seeded generator, so an image does not depend on the batch it landed in.
+A batch is a dict of numpy arrays: ``id``, ``label``, ``prompt``, ``negative_prompt`` (optional),
+``seed`` (text2img) and ``refine_seed`` (img2img). Text2Img adds ``t2i`` (uint8 N×H×W×3) and/or
+``latent`` (float32 N×4×h×w, the scaled latents diffusers' img2img takes as they are when ``image`` has 4
+channels); Img2Img refines ``latent`` when present, else ``t2i``, into ``refined`` (uint8). Each stage also
+adds its seconds per image (``t2i_s`` / ``img2img_s``) and the wall-clock span of the batch
+(``t2i_t0``/``t2i_t1``, ``img2img_t0``/``img2img_t1``) for the run summary.
+
+Every image has its own seeded CPU generator, so an image does not depend on the batch it landed in.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from busdiff.config import ModelConfig
-from busdiff.models.presets import load_pipelines, resolve_device
+from busdiff.config import SCHEDULERS, ModelConfig
+from busdiff.models.adapters import load_adapters
+from busdiff.models.presets import load_pipelines, model_id, resolve_device
 
 
 def _generators(seeds: np.ndarray) -> list[torch.Generator]:
@@ -27,43 +35,162 @@ def _to_uint8(images: np.ndarray) -> np.ndarray:
     return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
 
 
+def set_scheduler(pipe: Any, name: str) -> None:
+    """Swap ``pipe``'s sampler for ``name`` (a key of :data:`busdiff.config.SCHEDULERS`) on the same noise
+    schedule (``from_config``)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"unknown scheduler {name!r}; allowed: {', '.join(SCHEDULERS)}")
+    pipe.scheduler = getattr(diffusers, SCHEDULERS[name]).from_config(pipe.scheduler.config)
+
+
+def load_stage_pipeline(
+    model: ModelConfig | dict[str, Any],
+    which: Literal["text2img", "img2img"],
+    *,
+    scheduler: str = "DPMSolverMultistep",
+    adapters: str | None = None,
+    channels_last: bool = False,
+    compile: bool = False,
+) -> Any:
+    """One stage's diffusers pipeline: base model on ``model.device`` in ``model.dtype``, the adapter of
+    ``adapters`` loaded (refused when trained on another base), ``scheduler`` swapped in, and the speed
+    options applied (attention is PyTorch SDPA, diffusers' default with torch 2)."""
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+    txt, img = load_pipelines(cfg, resolve_device(cfg.device))
+    if adapters:
+        load_adapters(txt, adapters, base_model=model_id(cfg))  # components are shared with img
+    pipe = txt if which == "text2img" else img
+    set_scheduler(pipe, scheduler)
+    if channels_last:
+        pipe.unet.to(memory_format=torch.channels_last)
+        pipe.vae.to(memory_format=torch.channels_last)
+    if compile:
+        pipe.unet.compile()
+    return pipe
+
+
+def _negative(batch: dict[str, np.ndarray], n: int) -> list[str] | None:
+    neg = [str(p) for p in batch.get("negative_prompt", [""] * n)]
+    return neg if any(neg) else None  # None and "" give the same unconditional embedding
+
+
 class Text2Img:
-    def __init__(self, model: dict[str, Any], steps: int, guidance: float, size: int) -> None:
-        cfg = ModelConfig(**model)
-        self.device = resolve_device(cfg.device)
-        self.pipe, _ = load_pipelines(cfg, self.device)
-        self.steps, self.guidance, self.size = steps, guidance, size
+    """Prompts and seeds -> images (``output="image"``), scaled latents (``"latent"``), or both."""
+
+    def __init__(
+        self,
+        model: ModelConfig | dict[str, Any],
+        steps: int,
+        guidance: float,
+        size: int,
+        *,
+        scheduler: str = "DPMSolverMultistep",
+        adapters: str | None = None,
+        output: Literal["image", "latent", "both"] = "image",
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.pipe = load_stage_pipeline(
+            model,
+            "text2img",
+            scheduler=scheduler,
+            adapters=adapters,
+            channels_last=channels_last,
+            compile=compile,
+        )
+        self.steps, self.guidance, self.size, self.output = steps, guidance, size, output
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        t0 = time.time()
         out = self.pipe(
             prompt=[str(p) for p in batch["prompt"]],
+            negative_prompt=_negative(batch, n),
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             height=self.size,
             width=self.size,
             generator=_generators(batch["seed"]),
-            output_type="np",
+            output_type="np" if self.output == "image" else "latent",
         )
-        return {**batch, "t2i": _to_uint8(out.images)}
+        new: dict[str, np.ndarray] = {}
+        if self.output == "image":
+            new["t2i"] = _to_uint8(out.images)
+        else:
+            latents = out.images
+            new["latent"] = latents.float().cpu().numpy()
+            if self.output == "both":
+                vae = self.pipe.vae
+                decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+                new["t2i"] = _to_uint8(self.pipe.image_processor.postprocess(decoded, output_type="np"))
+        t1 = time.time()
+        return {**batch, **new, **_timing("t2i", t0, t1, n)}
 
 
 class Img2Img:
-    def __init__(self, model: dict[str, Any], steps: int, guidance: float, strength: float) -> None:
-        cfg = ModelConfig(**model)
-        self.device = resolve_device(cfg.device)
-        _, self.pipe = load_pipelines(cfg, self.device)
+    """img2img refinement of ``latent`` (no VAE encode) or ``t2i`` images, into ``refined``."""
+
+    def __init__(
+        self,
+        model: ModelConfig | dict[str, Any],
+        steps: int,
+        guidance: float,
+        strength: float,
+        *,
+        scheduler: str = "DPMSolverMultistep",
+        adapters: str | None = None,
+        channels_last: bool = False,
+        compile: bool = False,
+    ) -> None:
+        self.pipe = load_stage_pipeline(
+            model,
+            "img2img",
+            scheduler=scheduler,
+            adapters=adapters,
+            channels_last=channels_last,
+            compile=compile,
+        )
         self.steps, self.guidance, self.strength = steps, guidance, strength
 
     @torch.inference_mode()
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        t0 = time.time()
+        # Ray hands read-only arrays over: copy them into tensors torch may write to.
+        if "latent" in batch:
+            image = torch.tensor(batch["latent"])
+        else:  # uint8 N×H×W×3 -> float N×3×H×W in [0, 1], what the image processor expects of tensors
+            image = torch.tensor(batch["t2i"]).permute(0, 3, 1, 2).float() / 255
         out = self.pipe(
             prompt=[str(p) for p in batch["prompt"]],
-            image=[Image.fromarray(a) for a in batch["t2i"]],
+            negative_prompt=_negative(batch, n),
+            image=image,
             strength=self.strength,
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             generator=_generators(batch["refine_seed"]),
             output_type="np",
         )
-        return {**batch, "refined": _to_uint8(out.images)}
+        t1 = time.time()
+        rest = {k: v for k, v in batch.items() if k != "latent"}  # latents are not kept past this stage
+        return {**rest, "refined": _to_uint8(out.images), **_timing("img2img", t0, t1, n)}
+
+
+def _timing(stage: str, t0: float, t1: float, n: int) -> dict[str, np.ndarray]:
+    return {
+        f"{stage}_s": np.full(n, (t1 - t0) / n),
+        f"{stage}_t0": np.full(n, t0),
+        f"{stage}_t1": np.full(n, t1),
+    }
+
+
+def read_source_images(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+    """Real images to refine: decode the ``source`` paths into ``t2i`` (RGB uint8, ``size`` px square)."""
+    images = []
+    for path in batch["source"]:
+        with Image.open(str(path)) as im:
+            images.append(np.asarray(im.convert("RGB").resize((size, size), Image.Resampling.BICUBIC)))
+    return {**batch, "t2i": np.stack(images)}

@@ -131,7 +131,8 @@ def add_ti_tokens(tokenizer: Any, text_encoder: Any, tokens: Sequence[str], init
     for t in tokens:
         expanded = [t] + [f"{t}_{i}" for i in range(1, num_vectors)]
         for e in expanded + [f"{t}_1"]:
-            if e in vocab or e in new:
+            # CLIP stores a whole word as "word</w>": "ultrasound" is taken though it is not a key itself.
+            if e in vocab or f"{e}</w>" in vocab or e in new:
                 raise ValueError(f"textual-inversion token {e!r} already exists in the tokenizer vocabulary; "
                                  f"choose another placeholder (e.g. '<{t.strip('<>')}-bus>')")
         new += expanded

@@ -1,0 +1,179 @@
+"""Fine-tuning on Ray Train (the shared local cluster): two data-parallel workers, shards, checkpoints,
+a killed worker, and a rerun that resumes. Runs are shared between tests to keep Ray Train starts few."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import load_file
+
+from busdiff.config import ConfigError, load_config
+from busdiff.data.phantom import write_phantom
+from busdiff.finetune.data import RankShards, training_items
+from busdiff.finetune.trainer import prepare, run_finetune
+from busdiff.models.adapters import read_adapter_json
+
+STEPS = 30
+
+
+def _config(root: Path, out: Path, *sets: str):
+    return load_config(
+        None,
+        [
+            f"data.root={root}",
+            "model.preset=tiny",
+            "model.device=cpu",
+            f"finetune.out={out}",
+            "finetune.method=lora+ti",
+            f"finetune.lora.steps={STEPS}",
+            "finetune.lora.batch_size=2",
+            "finetune.lora.lr=1e-2",
+            "finetune.ti.lr=1e-2",
+            "finetune.resolution=32",
+            "finetune.mixed_precision=no",
+            "finetune.checkpoint_every=10",
+            "finetune.log_every=5",
+            "finetune.report_every=5",
+            "finetune.validation.every=10",
+            "finetune.validation.n_per_class=1",
+            "finetune.validation.steps=2",
+            "finetune.scaling.num_workers=2",
+            "finetune.scaling.cpus_per_worker=1",
+            *sets,
+        ],
+    )
+
+
+@pytest.fixture(scope="module")
+def phantom(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("ftray") / "busi"
+    write_phantom(root, 4, seed=7, size=64)  # 9 train images: shards of 5 and 4
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(phantom, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ftray") / "reference"
+    cfg = _config(phantom, out)
+    return cfg, run_finetune(cfg)
+
+
+def _json(p: Path):
+    return json.loads(p.read_text())
+
+
+def _metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_shards_deal_every_row_to_exactly_one_worker(phantom):
+    import ray
+
+    records = prepare(load_config(None, [f"data.root={phantom}", "model.preset=tiny"])).records
+    ds = ray.data.from_items(training_items(records))
+    shards = RankShards(resolution=32, center_crop=True).configure({"train": ds}, 4, None, None)
+    ids = [[r["id"] for r in s["train"].iter_rows()] for s in shards]
+    assert sorted(len(i) for i in ids) == [2, 2, 2, 3]
+    assert sorted(sum(ids, [])) == sorted(r.id for r in records)  # every train image once, none twice
+    again = RankShards(resolution=32, center_crop=True).configure({"train": ds}, 4, None, None)
+    assert [sorted(r["id"] for r in s["train"].iter_rows()) for s in again] == [sorted(i) for i in ids]
+    row = next(iter(shards[0]["train"].iter_rows()))
+    assert row["image"].shape == (32, 32, 3) and row["image"].dtype == np.uint8
+
+
+def test_two_workers_cover_the_split_once_and_stay_in_sync(reference):
+    cfg, res = reference
+    out = Path(res.out)
+    train_ids = sorted(r["id"] for r in _json(out / "inputs.json"))
+    assert len(train_ids) == res.n_images == 9
+    ranks = [_json(out / "workers" / f"rank-{r}.json") for r in range(2)]
+    shard_ids = [set(w["shard_ids"]) for w in ranks]
+    assert not shard_ids[0] & shard_ids[1] and sorted(shard_ids[0] | shard_ids[1]) == train_ids
+    assert all(w["finished"] and w["world_size"] == 2 for w in ranks)
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged
+
+
+def test_run_dir_holds_metrics_validation_grids_and_the_adapter(reference):
+    cfg, res = reference
+    out = Path(res.out)
+    rows = _metrics(out)
+    assert [r["step"] for r in rows] == list(range(5, STEPS + 1, 5))
+    assert all(np.isfinite(r["loss"]) and r["samples_per_s"] > 0 and r["lr_lora"] == 1e-2 for r in rows)
+    assert res.metrics["step"] == STEPS and res.steps == STEPS
+    grids = sorted(p.name for p in (out / "validation").iterdir())
+    assert grids == ["step_000010.png", "step_000020.png", "step_000030.png"]
+    with Image.open(out / "validation" / grids[0]) as im:
+        assert im.size[1] > 3 * 32  # a row per class
+    assert sorted(p.name for p in out.glob("checkpoint_0*")) == ["checkpoint_000020", "checkpoint_000030"]
+    meta = read_adapter_json(out / "adapters")
+    split = {r.id: r.split for r in prepare(cfg.model_copy()).records}
+    assert sorted(meta["trained_ids"]) == sorted(split) and set(split.values()) == {"train"}
+    assert meta["base_model"] == "tiny" and meta["tokens"] == ["<bus>"] and meta["rank"] == 4
+    assert meta["extra"]["method"] == "lora+ti" and "<bus>" in meta["extra"]["captions"]["benign"]
+    assert _json(out / "run.json")["status"] == "done"
+
+
+def _kill_rank_after(out: Path, rank: int, step: int, killed: dict) -> None:
+    """Kill the worker process of ``rank`` once metrics.jsonl shows ``step`` (the worker writes its pid)."""
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        try:
+            steps = [json.loads(ln)["step"] for ln in (out / "metrics.jsonl").read_text().splitlines()]
+            pid = json.loads((out / "workers" / f"rank-{rank}.json").read_text())["pid"]
+        except (FileNotFoundError, json.JSONDecodeError, KeyError):
+            steps, pid = [], None
+        if pid and steps and steps[-1] >= step:
+            os.kill(pid, signal.SIGKILL)
+            killed.update(pid=pid, at=steps[-1])
+            return
+        time.sleep(0.05)
+
+
+def test_killed_worker_resumes_from_its_checkpoint_to_the_same_weights(reference, phantom, tmp_path):
+    ref_cfg, ref = reference
+    out = tmp_path / "killed"
+    cfg = _config(phantom, out, "finetune.max_failures=1")
+    killed: dict = {}
+    # Step 20 logged: the report of step 15 returned, so the checkpoint of step 10 is registered.
+    killer = threading.Thread(target=_kill_rank_after, args=(out, 1, 20, killed), daemon=True)
+    killer.start()
+    res = run_finetune(cfg)
+    killer.join(timeout=5)
+    assert killed and killed["at"] < STEPS, "the worker was not killed mid-run"
+    ranks = [_json(out / "workers" / f"rank-{r}.json") for r in range(2)]
+    assert ranks[1]["pid"] != killed["pid"]  # a new worker group finished the run
+    assert {w["resumed_from_step"] for w in ranks} <= {10, 20} and ranks[0]["resumed_from_step"] >= 10
+    steps = [r["step"] for r in _metrics(out)]
+    assert steps == list(range(5, STEPS + 1, 5))  # steps redone after the restart are not logged twice
+    # Tolerance: none needed on a CPU (same operations, same order); 1e-6 allows another BLAS.
+    ours = load_file(str(out / "adapters" / "pytorch_lora_weights.safetensors"))
+    theirs = load_file(str(Path(ref.out) / "adapters" / "pytorch_lora_weights.safetensors"))
+    assert ours.keys() == theirs.keys()
+    for k in ours:
+        torch.testing.assert_close(ours[k], theirs[k], atol=1e-6, rtol=0)
+    emb = [
+        load_file(str(Path(d) / "adapters" / "learned_embeds.safetensors"))["<bus>"] for d in (out, ref.out)
+    ]
+    torch.testing.assert_close(emb[0], emb[1], atol=1e-6, rtol=0)
+    assert res.steps == STEPS
+
+
+def test_rerun_resumes_from_the_latest_checkpoint_and_refuses_another_config(reference, phantom):
+    ref_cfg, ref = reference
+    out = Path(ref.out)
+    before = load_file(str(out / "adapters" / "pytorch_lora_weights.safetensors"))
+    run_finetune(ref_cfg)  # the finished run: resumes at its last step, trains nothing
+    assert {_json(out / "workers" / f"rank-{r}.json")["resumed_from_step"] for r in range(2)} == {STEPS}
+    after = load_file(str(out / "adapters" / "pytorch_lora_weights.safetensors"))
+    assert after.keys() == before.keys() and all(torch.equal(after[k], before[k]) for k in after)
+    with pytest.raises(ConfigError, match="finetune.lora.rank"):
+        run_finetune(_config(phantom, out, "finetune.lora.rank=2"))

@@ -1,0 +1,199 @@
+"""Training steps in one process (tiny model, 32 px, CPU): what trains and what must not, that the
+placeholder reaches the text encoder, the paper's LoRA-then-TI order, and that a run resumed from a
+checkpoint ends at the same weights as one that never stopped."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from busdiff.config import load_config
+from busdiff.data.phantom import write_phantom
+from busdiff.finetune.data import EpochBatches, shard_bounds
+from busdiff.finetune.model import FinetuneModel
+from busdiff.finetune.plain import local_rows, plain_train
+from busdiff.finetune.recipe import phases
+from busdiff.finetune.trainer import prepare
+from busdiff.generate.prompts import render_prompt
+
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as in a Ray Train worker with one CPU: tiny models gain nothing from two, and
+    OpenMP threads spin badly when the CPUs are shared with the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("ft") / "busi"
+    write_phantom(root, 4, seed=3, size=64)
+    base = [
+        f"data.root={root}",
+        "model.preset=tiny",
+        "finetune.resolution=32",
+        "finetune.mixed_precision=no",
+        "finetune.lora.batch_size=2",
+        "finetune.ti.batch_size=2",
+        "finetune.ti.grad_accum=1",
+        "finetune.lora.lr=1e-2",
+        "finetune.ti.lr=1e-2",
+        "finetune.lora.steps=3",
+        "finetune.ti.steps=3",
+    ]
+    cfg = load_config(None, base)
+    return base, local_rows(cfg, prepare(cfg).records)
+
+
+def _cfg(data, *sets):
+    return load_config(None, [*data[0], *sets])
+
+
+def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def test_ti_trains_only_the_placeholder_rows(data):
+    cfg = _cfg(data, "finetune.method=ti")
+    model = FinetuneModel(cfg, CPU)
+    unet, text = _snapshot(model.unet), _snapshot(model.text_encoder)
+    emb_before = model.embeddings.detach().clone()
+    plain_train(cfg, data[1], model=model)
+    emb = model.embeddings.detach()
+    others = torch.ones(emb.shape[0], dtype=torch.bool)
+    others[model.token_ids] = False
+    assert torch.equal(emb[others], emb_before[others])  # bit-identical, every other row
+    assert not torch.equal(emb[model.token_ids], emb_before[model.token_ids])
+    after = _snapshot(model.text_encoder)
+    assert [k for k in text if not torch.equal(after[k], text[k])] == ["embeddings.token_embedding.weight"]
+    assert all(torch.equal(v, unet[k]) for k, v in _snapshot(model.unet).items())
+
+
+def test_token_ids_reach_the_text_encoder(data):
+    cfg = _cfg(data, "finetune.method=ti", "finetune.ti.num_vectors=2")
+    model = FinetuneModel(cfg, CPU)
+    seen: list[torch.Tensor] = []
+    model.text_encoder.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.append(args[0]))
+    plain_train(cfg, data[1], model=model, stop=1)
+    ids = model.tokenizer.convert_tokens_to_ids(["<bus>", "<bus>_1"])
+    assert seen and all((batch == ids[0]).any(1).all() and (batch == ids[1]).any(1).all() for batch in seen)
+    # The multi-vector caption is what a diffusers pipeline makes of the same prompt at generation time.
+    pipe = model.pipeline()
+    for label, caption in model.captions.items():
+        assert pipe.maybe_convert_prompt(render_prompt(label, "<bus>"), model.tokenizer) == caption
+
+
+def test_lora_then_ti_trains_lora_first_then_only_the_token(data):
+    cfg = _cfg(data, "finetune.method=lora-then-ti")
+    model = FinetuneModel(cfg, CPU)
+    init_row = model.embeddings[model.tokenizer.convert_tokens_to_ids("ultrasound</w>")].detach().clone()
+    lora0 = {n: p.detach().clone() for n, p in model.lora_parameters()}
+    plain_train(cfg, data[1], model=model, stop=3)  # the LoRA phase
+    lora1 = {n: p.detach().clone() for n, p in model.lora_parameters()}
+    assert any(not torch.equal(lora0[n], lora1[n]) for n in lora0)
+    assert torch.equal(model.embeddings[model.token_ids[0]], init_row)  # the token starts as "ultrasound"
+    plain_train(cfg, data[1], model=model, start=3)  # the TI phase, LoRA frozen
+    assert all(torch.equal(p, lora1[n]) for n, p in model.lora_parameters())
+    assert not torch.equal(model.embeddings[model.token_ids[0]], init_row)
+
+
+def test_pivotal_lora_plus_ti_trains_both_at_once(data):
+    cfg = _cfg(
+        data, "finetune.method=lora+ti", "finetune.lora.steps=2", "finetune.gradient_checkpointing=true"
+    )
+    model = FinetuneModel(cfg, CPU)
+    lora0 = {n: p.detach().clone() for n, p in model.lora_parameters()}
+    row0 = model.embeddings[model.token_ids].detach().clone()
+    run = plain_train(cfg, data[1], model=model)
+    assert len(run.losses) == 2 and all(np.isfinite(run.losses))
+    assert any(not torch.equal(lora0[n], p) for n, p in model.lora_parameters())
+    assert not torch.equal(model.embeddings[model.token_ids], row0)
+
+
+RESUME_SETS = (
+    "finetune.method=lora-then-ti",
+    "finetune.lora.steps=2",
+    "finetune.ti.steps=2",
+    "finetune.lora.grad_accum=2",
+    "finetune.lora.dropout=0.1",
+)
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(data):
+    return plain_train(_cfg(data, *RESUME_SETS), data[1]).model.trainable_state()
+
+
+@pytest.mark.parametrize("resume_at", [1, 2, 3])  # inside the LoRA phase, at the boundary, inside TI
+def test_resumed_run_ends_at_the_same_weights(data, uninterrupted, tmp_path, resume_at):
+    cfg = _cfg(data, *RESUME_SETS)
+
+    def checkpoint(step, learner):
+        if step == resume_at:  # what the Ray Train loop writes: trainable tensors and learner state
+            save_file(learner.model.trainable_state(), str(tmp_path / "trainable.safetensors"))
+            torch.save(learner.state_dict(), tmp_path / "learner.pt")
+
+    plain_train(cfg, data[1], stop=resume_at, on_step=checkpoint)
+    fresh = FinetuneModel(cfg, CPU)  # a new process builds the model from scratch
+    fresh.load_trainable_state(load_file(str(tmp_path / "trainable.safetensors")))
+    state = torch.load(tmp_path / "learner.pt", weights_only=True)
+    plain_train(cfg, data[1], model=fresh, start=resume_at, learner_state=state)
+    resumed = fresh.trainable_state()
+    assert resumed.keys() == uninterrupted.keys()
+    for k in uninterrupted:  # the same operations in the same order on the CPU: bit-identical
+        assert torch.equal(resumed[k], uninterrupted[k]), k
+
+
+def test_seed_changes_the_weights(data):
+    a = plain_train(_cfg(data, "finetune.method=lora", "finetune.lora.steps=1"), data[1]).model
+    b = plain_train(
+        _cfg(data, "finetune.method=lora", "finetune.lora.steps=1", "finetune.seed=1"), data[1]
+    ).model
+    sa, sb = a.trainable_state(), b.trainable_state()
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_min_snr_weighting_and_noise_offset_change_the_loss(data):
+    rows = data[1]
+    x = torch.from_numpy(np.stack([r["image"] for r in rows[:2]])).permute(0, 3, 1, 2).float() / 127.5 - 1
+    labels = [r["label"] for r in rows[:2]]
+    model = FinetuneModel(_cfg(data, "finetune.method=lora"), CPU)
+    model.set_phase(phases(model.cfg.finetune)[0])
+    ft = model.cfg.finetune
+
+    def loss(snr_gamma=None, noise_offset=0.0):
+        ft.snr_gamma, ft.noise_offset = snr_gamma, noise_offset
+        with torch.no_grad():
+            return float(model.loss(x, labels, torch.Generator().manual_seed(5)))
+
+    plain = loss()
+    assert loss(snr_gamma=1e9) == pytest.approx(plain, rel=1e-6)  # min(snr, huge) / snr = 1
+    assert loss(snr_gamma=1.0) < plain  # weights min(snr, 1) / snr <= 1
+    assert loss(noise_offset=0.5) != pytest.approx(plain, rel=1e-6)
+
+
+def test_micro_batches_are_seeded_and_use_each_row_once_per_epoch(data):
+    rows = data[1][:5]  # a worker with one row more than the others: per_epoch from the smallest shard
+    assert shard_bounds(9, 2) == (4, 5)
+
+    def batches(seed=0, rank=0):
+        eb = EpochBatches(rows, 2, 2, seed, rank, 32, random_flip=True, random_crop=True)
+        return [eb.get(0, m) for m in range(6)]
+
+    a, b = batches(), batches()
+    for (xa, la, ia), (xb, lb, ib) in zip(a, b, strict=True):
+        assert torch.equal(xa, xb) and la == lb and ia == ib
+        assert xa.shape == (2, 3, 32, 32) and xa.min() >= -1 and xa.max() <= 1
+    for epoch in range(3):
+        ids = a[2 * epoch][2] + a[2 * epoch + 1][2]
+        assert len(set(ids)) == 4  # 4 of the 5 rows, none twice
+    left_out = [({r["id"] for r in rows} - set(a[2 * e][2] + a[2 * e + 1][2])).pop() for e in range(3)]
+    assert len(set(left_out)) > 1 or len({tuple(a[2 * e][2]) for e in range(3)}) > 1
+    assert [i for _, _, i in batches(rank=1)] != [i for _, _, i in a]
