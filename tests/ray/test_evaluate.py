@@ -17,7 +17,7 @@ from busdiff.evaluate.classifier import ClassifierInputs, run_experiments
 from busdiff.evaluate.inputs import item_of, read_synthetic, real_records, select
 from busdiff.evaluate.run import run_evaluate
 from tests.browser import render
-from tests.unit.evaluate_fixture import real_phantom, shared_cache_dir, synthetic_folder
+from tests.unit.evaluate_fixture import adapter_json_only, real_phantom, shared_cache_dir, synthetic_folder
 
 TINY = [
     "evaluate.fid.bootstrap=40",
@@ -33,20 +33,6 @@ TINY = [
     "evaluate.memorization.ssim_size=32",
     "evaluate.grid_per_class=3",
 ]
-
-
-def _adapter(path, trained_ids):
-    path.mkdir(parents=True)
-    meta = {
-        "format": "busdiff-adapter/1",
-        "base_model": "tiny",
-        "tokens": [],
-        "rank": 4,
-        "files": {},
-        "trained_ids": trained_ids,
-    }
-    (path / "adapter.json").write_text(json.dumps(meta))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +51,7 @@ def evaluated(tmp_path_factory):
         syn / "normal" / "syn_normal_0002.png"
     )
     leaked = next(r for r in test if r.label == "benign")
-    adapter = _adapter(tmp / "adapter", [r.id for r in train] + [leaked.id])
+    adapter = adapter_json_only(tmp / "adapter", [r.id for r in train] + [leaked.id])
     cfg = load_config(
         None,
         [

@@ -4,6 +4,7 @@ sink's layout (``<class>/<id>.png``), made from the phantom generator with anoth
 from __future__ import annotations
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -56,4 +57,20 @@ def fresh_cache_dir(path: Path) -> Path:
             os.link(weights, target)
         except OSError:  # another filesystem
             shutil.copy(weights, target)
+    return path
+
+
+def adapter_json_only(path: Path, trained_ids: list[str]) -> Path:
+    """An adapter folder with only adapter.json, as models.adapters.save_adapters writes it (the leakage
+    guard reads trained_ids; it needs no weight files)."""
+    path.mkdir(parents=True)
+    meta = {
+        "format": "busdiff-adapter/1",
+        "base_model": "tiny",
+        "tokens": [],
+        "rank": 4,
+        "files": {},
+        "trained_ids": trained_ids,
+    }
+    (path / "adapter.json").write_text(json.dumps(meta))
     return path

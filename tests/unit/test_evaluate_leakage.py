@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 
 import numpy as np
@@ -13,22 +12,7 @@ from busdiff.config import SplitConfig
 from busdiff.evaluate.inputs import real_records, select
 from busdiff.evaluate.leakage import LeakageError, guard_held_out
 from busdiff.models.adapters import AdapterError
-from tests.unit.evaluate_fixture import real_phantom
-
-
-def _adapter(path, trained_ids):
-    # adapter.json as models.adapters.save_adapters writes it (no weight files needed for the guard)
-    path.mkdir(parents=True)
-    meta = {
-        "format": "busdiff-adapter/1",
-        "base_model": "tiny",
-        "tokens": [],
-        "rank": 4,
-        "files": {},
-        "trained_ids": trained_ids,
-    }
-    (path / "adapter.json").write_text(json.dumps(meta))
-    return path
+from tests.unit.evaluate_fixture import adapter_json_only, real_phantom
 
 
 @pytest.fixture
@@ -55,7 +39,7 @@ def test_trained_ids_and_duplicates_are_refused_and_named(busi, tmp_path):
     Image.fromarray(np.clip(arr + 3, 0, 255).astype(np.uint8)).save(near.image_path)
     recs = real_records(root, split=SplitConfig())
     test = select(recs, ["test"])
-    adapter = _adapter(tmp_path / "adapter", [seen.id, "benign_9999"])
+    adapter = adapter_json_only(tmp_path / "adapter", [seen.id, "benign_9999"])
 
     res = guard_held_out(test, recs, adapter_dirs=[adapter])
     refused = {x["id"]: x for x in res.refused}

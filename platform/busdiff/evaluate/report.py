@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from busdiff.evaluate.classifier import SCALARS
 from busdiff.evaluate.features import ImageItem, read_rgb
 from busdiff.viz import image_grid
 
@@ -219,14 +220,7 @@ def _classifier_section(clf: dict[str, Any]) -> str:
         f"the validation split by {cfg['select_metric']}; scores on the held-out test split "
         f"(n={clf['n_real']['test']}).</p>"
     ]
-    metrics = (
-        "accuracy",
-        "balanced_accuracy",
-        "macro_f1",
-        "auc_macro",
-        "malignant_sensitivity",
-        "malignant_specificity",
-    )
+    metrics = SCALARS
     head = "".join(f"<th>{m}</th>" for m in metrics)
     rows = [f"<table><tr><th>ratio</th><th>synthetic n</th><th>runs ok / failed</th>{head}</tr>"]
     for s in clf["summary"]:
