@@ -93,6 +93,10 @@ class LoraTrainConfig(_Strict):
     target_modules: list[str] = Field(
         default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"], min_length=1
     )
+    text_encoder: bool = Field(False, description="also LoRA on the text encoder (same rank, alpha, lr)")
+    text_encoder_target_modules: list[str] = Field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "out_proj"], min_length=1
+    )
     steps: int = Field(3000, ge=1, description="optimizer steps of the LoRA phase")
     lr: float = Field(1e-4, gt=0)
     batch_size: int = Field(4, ge=1, description="images per worker per micro-batch")

@@ -117,6 +117,45 @@ def test_pivotal_lora_plus_ti_trains_both_at_once(data):
     assert not torch.equal(model.embeddings[model.token_ids], row0)
 
 
+def test_text_encoder_lora_trains_and_plain_diffusers_loads_it(data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from busdiff.models.presets import build_components
+
+    cfg = _cfg(data, "finetune.method=lora", "finetune.lora.text_encoder=true", "finetune.lora.steps=2")
+    model = FinetuneModel(cfg, CPU)
+    te_lora0 = {n: p.detach().clone() for n, p in model.lora_parameters() if n.startswith("text_encoder.")}
+    te_base0 = {k: v.clone() for k, v in _snapshot(model.text_encoder).items() if "lora_" not in k}
+    assert te_lora0, "no LoRA on the text encoder"
+    plain_train(cfg, data[1], model=model)
+    te_lora1 = {n: p for n, p in model.lora_parameters() if n.startswith("text_encoder.")}
+    assert any(not torch.equal(te_lora0[n], te_lora1[n]) for n in te_lora0)
+    te_base1 = _snapshot(model.text_encoder)
+    assert all(torch.equal(v, te_base1[k]) for k, v in te_base0.items()), "text encoder base weights changed"
+
+    meta = model.save_adapter(tmp_path / "adapter", trained_ids=["benign_0001"], extra={})
+    assert meta["lora"]["text_encoder"]["tensors"] == len(te_lora0)
+    trained = model.pipeline()
+    plain = StableDiffusionPipeline(**build_components("tiny"), requires_safety_checker=False)
+    plain.set_progress_bar_config(disable=True)
+
+    def image(pipe):
+        return pipe(
+            render_prompt("benign"),
+            num_inference_steps=2,
+            height=32,
+            width=32,
+            output_type="np",
+            generator=torch.Generator().manual_seed(0),
+        ).images[0]
+
+    base = image(plain)
+    plain.load_lora_weights(str(tmp_path / "adapter"))
+    loaded, expected = image(plain), image(trained)
+    np.testing.assert_allclose(loaded, expected, atol=1e-4)
+    assert np.abs(loaded - base).max() > 1e-3
+
+
 RESUME_SETS = (
     "finetune.method=lora-then-ti",
     "finetune.lora.steps=2",

@@ -19,7 +19,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from busdiff.config import CLASSES, BusdiffConfig
 from busdiff.finetune.recipe import Phase, captions, placeholder_tokens, uses_lora, uses_ti
-from busdiff.models.adapters import add_lora, add_ti_tokens, save_adapters
+from busdiff.models.adapters import add_lora, add_text_encoder_lora, add_ti_tokens, save_adapters
 from busdiff.models.presets import load_pipelines, model_id
 
 log = logging.getLogger(__name__)
@@ -77,23 +77,32 @@ class FinetuneModel:
             add_lora(
                 self.unet, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout
             )
+        self.te_lora = self.has_lora and ft.lora.text_encoder
+        if self.te_lora:
+            lo = ft.lora
+            add_text_encoder_lora(
+                self.text_encoder,
+                rank=lo.rank,
+                alpha=lo.alpha,
+                target_modules=lo.text_encoder_target_modules,
+                dropout=lo.dropout,
+            )
+        te_trains = uses_ti(ft) or self.te_lora
 
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast. The text encoder trains (its
         # embedding rows) when TI does: keep it float32 then.
         torch.nn.Module.to(self.vae, device=device, dtype=self.dtype)
         torch.nn.Module.to(self.unet, device=device, dtype=self.dtype)
-        torch.nn.Module.to(
-            self.text_encoder, device=device, dtype=torch.float32 if uses_ti(ft) else self.dtype
-        )
-        for name, p in self.unet.named_parameters():
-            if "lora_" in name:
-                p.data = p.data.float()
+        torch.nn.Module.to(self.text_encoder, device=device, dtype=torch.float32 if te_trains else self.dtype)
+        for _, p in self.lora_parameters():
+            p.data = p.data.float()
         if ft.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
-            if uses_ti(ft):
+            if te_trains:
                 te = self.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
         self.unet.train(ft.lora.dropout > 0)
+        self.text_encoder.train(self.te_lora and ft.lora.dropout > 0)
 
         self.captions = captions(ft, self.vector_tokens)
         ids = self.tokenizer(
@@ -118,7 +127,11 @@ class FinetuneModel:
         return self.text_encoder.get_input_embeddings().weight
 
     def lora_parameters(self) -> Iterator[tuple[str, torch.nn.Parameter]]:
-        return ((n, p) for n, p in self.unet.named_parameters() if "lora_" in n)
+        """The UNet's LoRA tensors, then the text encoder's (prefixed ``text_encoder.``) when it has one."""
+        yield from ((n, p) for n, p in self.unet.named_parameters() if "lora_" in n)
+        if self.te_lora:
+            te = self.text_encoder.named_parameters()
+            yield from ((f"text_encoder.{n}", p) for n, p in te if "lora_" in n)
 
     def set_phase(self, phase: Phase) -> None:
         """Make the phase's parameters trainable and the others frozen."""
@@ -127,7 +140,7 @@ class FinetuneModel:
             p.requires_grad_(phase.lora)
         self.embeddings.requires_grad_(phase.ti)
         self._text_cache = {}
-        if not phase.ti:  # the text encoder is frozen for the whole phase: encode the captions once
+        if not phase.ti and not (phase.lora and self.te_lora):  # text encoder frozen: encode captions once
             with torch.no_grad(), self.autocast():
                 for c, ids in self.input_ids.items():
                     self._text_cache[c] = self.text_encoder(ids[None].to(self.device))[0][0]
@@ -253,6 +266,7 @@ class FinetuneModel:
             out_dir,
             comps,
             lora_unet=self.has_lora,
+            lora_text_encoder=self.te_lora,
             ti_tokens=self.tokens,
             base_model=model_id(self.cfg.model),
             trained_ids=trained_ids,

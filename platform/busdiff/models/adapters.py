@@ -38,6 +38,7 @@ LORA_FILE = "pytorch_lora_weights.safetensors"
 TI_FILE = "learned_embeds.safetensors"
 FORMAT = "busdiff-adapter/1"
 DEFAULT_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 _PORTABLE_LORA_KEYS = ("r", "lora_alpha", "lora_dropout", "target_modules", "bias", "use_rslora", "use_dora",
                        "rank_pattern", "alpha_pattern", "init_lora_weights")
 
@@ -73,6 +74,44 @@ def add_lora(unet: torch.nn.Module, rank: int = 4, alpha: float | None = None,
     unet.add_adapter(cfg)
 
 
+def add_text_encoder_lora(text_encoder: torch.nn.Module, rank: int = 4, alpha: float | None = None,
+                          target_modules: Sequence[str] = TEXT_ENCODER_TARGETS, dropout: float = 0.0) -> None:
+    """Add a trainable LoRA adapter to the CLIP text encoder's attention projections. peft injects it
+    directly: transformers 5.24's own ``add_adapter`` demands peft >= 0.22, which the registry lacks."""
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    cfg = LoraConfig(r=rank, lora_alpha=rank if alpha is None else alpha, lora_dropout=dropout,
+                     init_lora_weights="gaussian", target_modules=list(target_modules))
+    inject_adapter_in_model(cfg, text_encoder, adapter_name="default")
+    text_encoder._busdiff_lora_config = cfg
+
+
+def _portable(cfg: Any) -> dict[str, Any]:
+    full = cfg.to_dict()
+    # diffusers rebuilds the config with LoraConfig(**metadata): keep the fields every recent peft knows, so
+    # that an older peft can read the file too (peft 0.21's to_dict has fields older releases reject).
+    meta = {k: full[k] for k in _PORTABLE_LORA_KEYS if k in full}
+    meta["target_modules"] = sorted(meta.get("target_modules") or [])
+    return meta
+
+
+def _text_encoder_lora_state(text_encoder: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    from diffusers.utils import convert_state_dict_to_diffusers
+
+    cfg = getattr(text_encoder, "_busdiff_lora_config", None)
+    if cfg is None:
+        raise ValueError("lora_text_encoder=True but the text encoder has no LoRA (add_text_encoder_lora)")
+    # peft's key names without the adapter name ("lora_A.default.weight" -> "lora_A.weight"), then diffusers'
+    raw = {k.replace(".default.", "."): v for k, v in text_encoder.state_dict().items() if ".lora_" in k}
+    state = convert_state_dict_to_diffusers(raw)
+    # diffusers' loader expects CLIPTextModel's "text_model." prefix, which transformers 5's keys lack.
+    state = {(k if k.startswith("text_model.") else f"text_model.{k}"): v.detach().to("cpu").contiguous()
+             for k, v in state.items()}
+    return state, _portable(cfg)
+
+
 def _lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
@@ -86,12 +125,7 @@ def _lora_state(unet: torch.nn.Module) -> tuple[dict[str, torch.Tensor], dict[st
     state = get_peft_model_state_dict(unet, adapter_name=name)
     state = convert_state_dict_to_diffusers(state)
     state = {k: v.detach().to("cpu").contiguous() for k, v in state.items()}
-    full = cfg.to_dict()
-    # diffusers rebuilds the config with LoraConfig(**metadata): keep the fields every recent peft knows, so
-    # that an older peft can read the file too (peft 0.21's to_dict has fields older releases reject).
-    meta = {k: full[k] for k in _PORTABLE_LORA_KEYS if k in full}
-    meta["target_modules"] = sorted(meta.get("target_modules") or [])
-    return state, meta
+    return state, _portable(cfg)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -193,14 +227,18 @@ def _component(components: Any, name: str) -> Any:
 
 
 def save_adapters(out_dir: str | Path, components: Any, *, lora_unet: bool, ti_tokens: Sequence[str] | None,
-                  base_model: str, trained_ids: Sequence[str], extra: dict[str, Any] | None = None) -> dict:
+                  base_model: str, trained_ids: Sequence[str], extra: dict[str, Any] | None = None,
+                  lora_text_encoder: bool = False) -> dict:
     """Write the adapter of ``components`` (a pipeline, or a mapping with ``unet``, ``text_encoder``,
-    ``tokenizer``) into ``out_dir``: the UNet LoRA when ``lora_unet``, one embedding file per placeholder
+    ``tokenizer``) into ``out_dir``: the UNet LoRA when ``lora_unet`` (with the text encoder's in the same
+    file, as ``load_lora_weights`` reads it, when ``lora_text_encoder``), one embedding file per placeholder
     in ``ti_tokens``, and ``adapter.json``. The directory is written beside ``out_dir`` and renamed into
     place, so ``out_dir`` is either the previous complete adapter or the new one, never a half one (an
     existing ``out_dir`` is replaced). Returns the adapter.json content."""
     out_dir = Path(out_dir)
     ti_tokens = list(ti_tokens or [])
+    if lora_text_encoder and not lora_unet:
+        raise ValueError("lora_text_encoder needs lora_unet: both LoRAs go into one file")
     if not lora_unet and not ti_tokens:
         raise ValueError("nothing to save: lora_unet is False and no ti_tokens given")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -223,9 +261,13 @@ def save_adapters(out_dir: str | Path, components: Any, *, lora_unet: bool, ti_t
             from diffusers import StableDiffusionPipeline
 
             state, lora_cfg = _lora_state(_component(components, "unet"))
+            te_state, te_cfg = (_text_encoder_lora_state(_component(components, "text_encoder"))
+                                if lora_text_encoder else (None, None))
             StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=state, weight_name=LORA_FILE,
                                                       safe_serialization=True,
-                                                      unet_lora_adapter_metadata=lora_cfg)
+                                                      unet_lora_adapter_metadata=lora_cfg,
+                                                      text_encoder_lora_layers=te_state,
+                                                      text_encoder_lora_adapter_metadata=te_cfg)
             meta["rank"] = int(lora_cfg["r"])
             meta["lora"] = {
                 "file": LORA_FILE,
@@ -234,6 +276,9 @@ def save_adapters(out_dir: str | Path, components: Any, *, lora_unet: bool, ti_t
                 "dropout": lora_cfg.get("lora_dropout", 0.0),
                 "target_modules": sorted(lora_cfg["target_modules"]),
                 "tensors": len(state),
+                "text_encoder": None if te_state is None else {
+                    "rank": int(te_cfg["r"]), "alpha": te_cfg["lora_alpha"],
+                    "target_modules": te_cfg["target_modules"], "tensors": len(te_state)},
             }
         tokenizer, text_encoder = _component(components, "tokenizer"), _component(components, "text_encoder")
         for i, token in enumerate(ti_tokens):
