@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 BUSI256 = REPO.parent / "shared" / "datasets" / "busi-256"
@@ -16,3 +17,13 @@ def busi256() -> Path:
     if not (BUSI256 / "manifest.csv").is_file():
         pytest.skip(f"real BUSI data not found at {BUSI256} (only present beside the project's own checkout)")
     return BUSI256
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread for a module's tests, as in a one-CPU Ray worker: tiny models gain nothing from
+    two, and OpenMP threads spin badly when the 2 cores are shared with the rest of the suite."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -112,9 +112,14 @@ class RayHead:
             )
         return r
 
-    def submit(self, *entrypoint: str, timeout: float = 600) -> subprocess.CompletedProcess:
-        """``ray job submit --working-dir . -- ENTRYPOINT``; waits and returns the job's output."""
-        return self.ray("job", "submit", "--working-dir", ".", "--", *entrypoint, timeout=timeout)
+    def submit(
+        self, *entrypoint: str, check: bool = True, timeout: float = 600
+    ) -> subprocess.CompletedProcess:
+        """``ray job submit --working-dir . -- ENTRYPOINT``; waits and returns the job's output
+        (``check=False`` for jobs expected to fail)."""
+        return self.ray(
+            "job", "submit", "--working-dir", ".", "--", *entrypoint, check=check, timeout=timeout
+        )
 
     def _processes(self) -> list[psutil.Process]:
         marks = (self.temp_dir, f":{self.port}")

@@ -55,12 +55,7 @@ def test_evaluate_job_writes_metrics_and_report(ray_head, tmp_path):
 def test_evaluate_job_bad_input_fails_with_the_folder_named(ray_head, tmp_path):
     real = real_phantom(tmp_path / "busi", 2)
     (tmp_path / "empty").mkdir()
-    r = ray_head.ray(
-        "job",
-        "submit",
-        "--working-dir",
-        ".",
-        "--",
+    r = ray_head.submit(
         "python",
         "jobs/evaluate.py",
         *_sets(f"data.root={real}", f"evaluate.synthetic={tmp_path / 'empty'}"),

@@ -28,12 +28,7 @@ def test_data_check_job(ray_head, tmp_path):
 
 
 def test_data_check_job_bad_input_fails_with_message(ray_head, tmp_path):
-    r = ray_head.ray(
-        "job",
-        "submit",
-        "--working-dir",
-        ".",
-        "--",
+    r = ray_head.submit(
         "python",
         "jobs/data_check.py",
         str(tmp_path / "nowhere"),

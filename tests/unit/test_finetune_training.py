@@ -22,13 +22,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as in a Ray Train worker with one CPU: tiny models gain nothing from two, and
-    OpenMP threads spin badly when the CPUs are shared with the rest of the suite."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")

@@ -28,12 +28,8 @@ def _batch(n: int = 3, offset: int = 0) -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, and two threads on a shared 2-core box oversubscribe it."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def one_thread(one_torch_thread):
+    """Every test here runs on one torch thread (tests/conftest.py says why)."""
 
 
 @pytest.fixture(scope="module")
