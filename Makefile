@@ -13,8 +13,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/python jobs/demo.py --config jobs/configs/local.yaml
-	@echo "pictures: runs/demo/phantom.png (phantom data), runs/demo/samples.png (text2img | img2img)"
+	$(BIN)/python jobs/study.py jobs/configs/local.yaml
+	@echo "look at runs/demo/report.html (the configurations side by side, their samples); runs/demo/study.json"
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

@@ -27,3 +27,19 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+class RayStarted(BaseException):
+    """Raised by ``forbid_ray_start``; a BaseException so that no ``except Exception`` swallows it."""
+
+
+@pytest.fixture
+def forbid_ray_start(monkeypatch):
+    """Any call of ``ray.init`` fails the test: the CLI's connect, and the auto-init of Ray Train's
+    ``fit`` or Ray Data, all go through it. For tests of errors that must come before Ray starts."""
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise RayStarted("ray.init was called: the error should have come before Ray starts")
+
+    monkeypatch.setattr(ray, "init", refuse)

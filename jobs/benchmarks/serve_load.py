@@ -78,6 +78,7 @@ def main() -> int:
 
     from busdiff.config import load_config
     from busdiff.serving.app import build_app
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]

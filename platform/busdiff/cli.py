@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from busdiff.config import ConfigError, DataConfig, QualityConfig, dump_config, load_config
 from busdiff.data.records import DatasetError
+
+#: The embedded default's config (the repository's jobs/configs/local.yaml).
+LOCAL_CONFIG = Path(__file__).resolve().parents[2] / "jobs" / "configs" / "local.yaml"
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -51,9 +54,10 @@ def _cmd_config(a: argparse.Namespace) -> int:
 
 def _cmd_serve(a: argparse.Namespace) -> int:
     from busdiff.raycluster import connect
-    from busdiff.serving.app import run_serve
+    from busdiff.serving.app import check_auth, run_serve
 
     cfg = load_config(a.config, a.overrides)
+    check_auth(cfg.serve)  # an unauthenticated remote host is refused before Ray starts
     connect(cfg.ray)
     url = f"http://{cfg.serve.host}:{cfg.serve.port}/"
     print(f"serving on {url} (gallery at /, API docs at /docs)", flush=True)
@@ -62,25 +66,11 @@ def _cmd_serve(a: argparse.Namespace) -> int:
 
 
 def _cmd_demo(a: argparse.Namespace) -> int:
-    from busdiff.demo import run_demo
-    from busdiff.raycluster import connect
+    """``make demo``'s job: the study of the embedded default (jobs/configs/local.yaml) unless a config is
+    given."""
+    from busdiff.study.cli import run_study_command
 
-    cfg = load_config(a.config, a.overrides)
-    connect(cfg.ray)
-    res = run_demo(cfg)
-    print(
-        json.dumps(
-            {
-                "out": str(res.out),
-                "phantom_sheet": str(res.phantom_sheet),
-                "sample_grid": str(res.sample_grid),
-                "n_samples": res.n_samples,
-                "seconds": round(res.seconds, 1),
-            },
-            indent=2,
-        )
-    )
-    return 0
+    return run_study_command(a.config or str(LOCAL_CONFIG), a.overrides)
 
 
 def _cmd_generate(a: argparse.Namespace) -> int:
@@ -148,12 +138,21 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_evaluate_subcommands(sub, _add_config_args)
 
+    # ---- study subcommand ----
+    from busdiff.study.cli import add_subcommand as add_study_subcommand
+
+    add_study_subcommand(sub, _add_config_args)
+
     # ---- serve subcommand ----
     srv = sub.add_parser("serve", help="serve the hybrid pipeline over HTTP on Ray Serve (blocks)")
     _add_config_args(srv)
     srv.set_defaults(func=_cmd_serve)
 
-    demo = sub.add_parser("demo", help="phantom data, data check and a tiny text2img+img2img grid on Ray")
+    demo = sub.add_parser(
+        "demo",
+        help="`make demo`: the study on the embedded default (jobs/configs/local.yaml), about 10 minutes on "
+        "2 CPU cores the first time, seconds once finished",
+    )
     _add_config_args(demo)
     demo.set_defaults(func=_cmd_demo)
     return parser

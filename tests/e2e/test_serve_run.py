@@ -3,35 +3,99 @@
 from __future__ import annotations
 
 import signal
+import socket
 import subprocess
 import time
+from contextlib import contextmanager
+from pathlib import Path
 
 import requests
 import yaml
 
 from tests.e2e.harness import BIN, REPO, free_port
 
+SMALL = ["serve.default_steps=2", "serve.default_size=32", "serve.min_size=32"]
+
+
+def _env(ray_head) -> dict[str, str]:
+    env = {k: v for k, v in ray_head.env.items() if k != "BUSDIFF_SERVE_TOKEN"}
+    return {**env, "RAY_ADDRESS": f"127.0.0.1:{ray_head.port}"}
+
+
+def _serve_config(tmp_path: Path, port: int, host: str = "127.0.0.1") -> Path:
+    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
+    config["http_options"].update(host=host, port=port)
+    config["applications"][0]["args"]["set"] = SMALL
+    path = tmp_path / "serve.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@contextmanager
+def _serve_run(ray_head, path: Path):
+    log = (path.parent / "serve-run.log").open("w")  # a file: an unread pipe would fill and block it
+    proc = subprocess.Popen(
+        [str(BIN / "serve"), "run", str(path)], cwd=REPO, env=_env(ray_head), stdout=log, stderr=log
+    )
+    try:
+        yield proc
+    finally:
+        proc.send_signal(signal.SIGINT)  # serve run shuts Serve down on the way out
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def _serve_started(ray_head) -> bool:
+    return "ServeController" in ray_head.ray("list", "actors", "--filter", "state=ALIVE").stdout
+
+
+def test_busdiff_serve_refuses_a_remote_host_without_token_before_binding(ray_head):
+    """First in this module: it needs a head on which Serve has not started yet."""
+    port = free_port()
+    r = subprocess.run(
+        [str(BIN / "busdiff"), "serve", "jobs/configs/serve-local.yaml"]
+        + [a for kv in [*SMALL, "serve.host=0.0.0.0", f"serve.port={port}"] for a in ("--set", kv)],
+        cwd=REPO,
+        env=_env(ray_head),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 2 and "'0.0.0.0' is reachable from the network" in r.stderr, r.stderr[-3000:]
+    assert not _serve_started(ray_head), "Serve was started before the refusal"
+    with socket.socket() as sock:
+        assert sock.connect_ex(("127.0.0.1", port)) != 0, f"port {port} was bound before the refusal"
+
+
+def test_serve_run_refuses_a_remote_http_host_without_token(ray_head, tmp_path):
+    """`serve run` binds http_options.host itself, before it builds the app: the app checks that host
+    (not serve.host, which stays 127.0.0.1 here) and refuses to deploy, so nothing is served."""
+    port = free_port()
+    with _serve_run(ray_head, _serve_config(tmp_path, port, host="0.0.0.0")):
+        deadline, status = time.monotonic() + 240, {}
+        while time.monotonic() < deadline and status.get("status") not in ("RUNNING", "DEPLOY_FAILED"):
+            time.sleep(2)
+            out = subprocess.run(
+                [str(BIN / "serve"), "status", "-a", ray_head.address],
+                env=_env(ray_head),
+                capture_output=True,
+                text=True,
+                timeout=60,
+            ).stdout
+            status = ((yaml.safe_load(out) or {}).get("applications") or {}).get("busdiff") or {}
+        assert status.get("status") == "DEPLOY_FAILED", status
+        assert "'0.0.0.0' is reachable from the network" in status.get("message", ""), status
+        r = requests.post(f"http://127.0.0.1:{port}/v1/generate", json={"class": "benign"}, timeout=30)
+        assert r.status_code != 200
+
 
 def test_serve_run_config_serves_api_and_gallery(ray_head, tmp_path):
     port = free_port()
-    config = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())
-    config["http_options"]["port"] = port
-    app = config["applications"][0]
-    app["args"]["set"] = ["serve.default_steps=2", "serve.default_size=32", "serve.min_size=32"]
-    path = tmp_path / "serve.yaml"
-    path.write_text(yaml.safe_dump(config))
-
-    env = {**ray_head.env, "RAY_ADDRESS": f"127.0.0.1:{ray_head.port}"}
-    proc = subprocess.Popen(
-        [str(BIN / "serve"), "run", str(path)],
-        cwd=REPO,
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
     base = f"http://127.0.0.1:{port}"
-    try:
+    with _serve_run(ray_head, _serve_config(tmp_path, port)) as proc:
         deadline, ready = time.monotonic() + 240, False
         while time.monotonic() < deadline and not ready and proc.poll() is None:
             try:
@@ -44,9 +108,3 @@ def test_serve_run_config_serves_api_and_gallery(ray_head, tmp_path):
         page = requests.get(f"{base}/", timeout=30)
         assert page.status_code == 200 and "busdiff gallery" in page.text
         assert requests.get(f"{base}/openapi.json", timeout=30).json()["info"]["title"] == "busdiff"
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            proc.kill()

@@ -74,7 +74,8 @@ def test_fid_kid_per_class_with_floors_intervals_and_the_paper_protocol(evaluate
     assert list(rows) == ["benign", "malignant", "normal", "all"]
     for name, r in rows.items():
         s, fl = r["synthetic_vs_held_out"], r["floor"]
-        assert s["fid_ci"][0] < s["fid"] < s["fid_ci"][1], name
+        d = r["vs_floor"]
+        assert d["fid_diff_ci"][0] < d["fid_diff"] < d["fid_diff_ci"][1], name
         assert s["kid_subset_size"] == min(s["n_a"], s["n_b"])  # follows the set sizes
         assert fl["n_pool_used"] == r["n_synthetic"] and fl["matched"], name  # floor at the synthetic count
         assert fl["n_held_out"] == r["n_held_out"]
@@ -82,7 +83,7 @@ def test_fid_kid_per_class_with_floors_intervals_and_the_paper_protocol(evaluate
     assert rows["benign"]["n_held_out"] == 2  # 3 test images, one refused by the leakage guard
     paper = m["fidelity"]["paper_protocol"]
     assert paper["label"].startswith("paper protocol") and paper["n_a"] == info["n_real"]
-    assert paper["mix"] == {"real": m["inputs"]["train"]["n"], "synthetic": 13}
+    assert paper["mix"] == {"real": info["n_real"], "synthetic": 13}  # the authors' way: all real + synthetic
     assert m["features"]["computed"] + m["features"]["cached"] >= info["n_real"]
 
 
@@ -109,8 +110,28 @@ def test_classifier_runs_every_ratio_and_seed(evaluated):
     assert clf["init"] == {"kind": "random"}
     one = next(r for r in clf["runs"] if r["ratio"] == 1)
     assert one["n_train_synthetic"] == sum(one["synthetic_draw"]["used"].values()) > 0
+    assert [(s["set"], s["arm"]) for s in clf["summary"]] == [(None, "real-only"), ("synthetic", "ratio 1")]
     s1 = clf["summary"][1]
     assert s1["n_ok"] == 2 and s1["vs_real_only"]["accuracy"]["n_pairs"] == 2
+    assert clf["protocol"]["name"] == "ratios" and clf["sets"] == ["synthetic"]
+
+
+def test_inception_frozen_classifier_reads_fid_s_features_from_the_cache(evaluated, tmp_path):
+    _, cfg, _ = evaluated
+    again = cfg.model_copy(deep=True)
+    again.evaluate.out = str(tmp_path / "frozen")
+    again.evaluate.memorization.enabled = False
+    again.evaluate.classifier = again.evaluate.classifier.model_copy(
+        update={"model": "inception-frozen", "epochs": 5, "lr": 1e-3}
+    )
+    res = run_evaluate(again)
+    clf, feats = res.metrics["classifier"], res.metrics["features"]
+    assert clf["n_failed"] == 0 and clf["init"]["kind"] == "inception-frozen"
+    assert feats["computed"] == 0  # every feature, val's too, from the first evaluation's cache
+    for name in ("classifier train", "classifier val", "classifier test", "classifier syn"):
+        assert feats["per_set"][name]["not_cached"] == 0, name
+    assert feats["per_set"]["classifier test"]["n"] == res.metrics["inputs"]["held_out"]["n"]
+    assert "frozen FID Inception" in Path(res.report_path).read_text()
 
 
 def test_run_directory_holds_config_versions_inputs_and_outputs(evaluated):

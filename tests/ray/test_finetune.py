@@ -19,8 +19,11 @@ from safetensors.torch import load_file
 from busdiff.config import ConfigError, load_config
 from busdiff.data.phantom import write_phantom
 from busdiff.finetune.data import RankShards, training_items
+from busdiff.finetune.loop import weights_digest
+from busdiff.finetune.model import FinetuneModel
 from busdiff.finetune.trainer import prepare, run_finetune
 from busdiff.models.adapters import read_adapter_json
+from busdiff.models.presets import build_components
 
 STEPS = 30
 
@@ -100,6 +103,22 @@ def test_two_workers_cover_the_split_once_and_stay_in_sync(reference):
     assert not shard_ids[0] & shard_ids[1] and sorted(shard_ids[0] | shard_ids[1]) == train_ids
     assert all(w["finished"] and w["world_size"] == 2 for w in ranks)
     assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]  # gradients were averaged
+
+
+def test_ranks_start_and_end_at_the_same_weights_on_a_pretrained_base(phantom, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = tmp_path / "base"  # loading it draws nothing from torch's RNG, unlike the seeded tiny preset
+    StableDiffusionPipeline(**build_components("tiny"), requires_safety_checker=False).save_pretrained(base)
+    sets = ("model.preset=pretrained", f"model.base={base}", "finetune.lora.text_encoder=true")
+    cfg = _config(phantom, tmp_path / "run", *sets, "finetune.lora.steps=2")
+    run_finetune(cfg)
+    ranks = [_json(tmp_path / "run" / "workers" / f"rank-{r}.json") for r in range(2)]
+    assert ranks[0]["start_weights_sha256"] == ranks[1]["start_weights_sha256"]
+    assert ranks[0]["weights_sha256"] == ranks[1]["weights_sha256"]
+    # finetune.seed decides the start, not the process: this one builds the workers' start too
+    here = FinetuneModel(cfg, torch.device("cpu")).trainable_state()
+    assert weights_digest(here) == ranks[0]["start_weights_sha256"]
 
 
 def test_run_dir_holds_metrics_validation_grids_and_the_adapter(reference):

@@ -13,7 +13,9 @@ from busdiff.cli import main
 BUSDIFF = str(Path(sys.executable).parent / "busdiff")
 
 
-@pytest.mark.parametrize("args", [[], ["data"], ["data", "check"], ["data", "phantom"], ["demo"], ["config"]])
+@pytest.mark.parametrize(
+    "args", [[], ["data"], ["data", "check"], ["data", "phantom"], ["demo"], ["study"], ["config"]]
+)
 def test_every_subcommand_has_help(args):
     r = subprocess.run([BUSDIFF, *args, "--help"], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr

@@ -1,4 +1,5 @@
-"""Classifier metrics against hand computation, the synthetic draw per ratio, one training run."""
+"""Classifier metrics against hand computation, the synthetic draws (ratios, the authors' top-up), the
+run plan and summary of several synthetic sets, one training run."""
 
 from __future__ import annotations
 
@@ -9,11 +10,16 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from busdiff.config import ClassifierConfig
 from busdiff.evaluate.classifier import (
+    REAL_ONLY,
+    _plan,
     binary_auc,
     classification_metrics,
+    rows_of_set,
     summarize,
     synthetic_subset,
+    topup_subset,
     train_run,
 )
 
@@ -61,10 +67,64 @@ def test_synthetic_draw_follows_ratio_and_reports_shortfall():
     assert synthetic_subset(real, pool, 0.0, seed=0)[0] == []
 
 
-def test_summary_pairs_each_ratio_with_real_only_by_seed():
-    def run(ratio, seed, acc):
+def test_topup_fills_each_class_to_the_count_or_lists_the_shortfall():
+    real = {"benign": 306, "malignant": 147, "normal": 93}
+    pool = {
+        "benign": list(range(0, 100)),
+        "malignant": list(range(100, 400)),
+        "normal": list(range(400, 500)),
+    }
+    idx, notes = topup_subset(real, pool, 350, seed=0)
+    assert notes["requested"] == {"benign": 44, "malignant": 203, "normal": 257}
+    assert notes["total"] == {"benign": 350, "malignant": 350, "normal": 193}  # normal: only 100 synthetic
+    assert notes["short"] == ["normal: 257 requested, 100 available"]
+    assert len(idx) == len(set(idx)) == 44 + 203 + 100
+    assert all(0 <= i < 100 for i in idx[:44]) and all(100 <= i < 400 for i in idx[44:247])
+    assert topup_subset(real, pool, 350, seed=0)[0] == idx and topup_subset(real, pool, 350, seed=1)[0] != idx
+    # a class with more real images than the count gets no synthetic ones; no real image is dropped
+    _, notes = topup_subset({"benign": 400, "normal": 10}, pool, 350, seed=0)
+    assert notes["used"] == {"benign": 0, "normal": 100} and notes["total"] == {"benign": 400, "normal": 110}
+
+
+def _pools(sets, per_class):
+    start, out = 0, {}
+    for name in sets:
+        out[name] = {
+            c: list(range(start + k * per_class, start + (k + 1) * per_class)) for k, c in enumerate(CLASSES)
+        }
+        start += per_class * len(CLASSES)
+    return out
+
+
+def test_plan_runs_real_only_once_for_several_sets():
+    real = {"benign": 10, "malignant": 6, "normal": 4}
+    pools = _pools(["lora", "lora_ti"], 30)
+    cfg = ClassifierConfig(ratios=[0, 0.5, 1], seeds=[0, 1, 2])
+    plan = _plan(cfg, real, pools)
+    keys = [k for k, _, _ in plan]
+    assert [k["seed"] for k in keys if k["set"] is None] == [0, 1, 2]  # once, not once per set
+    assert all(k["arm"] == REAL_ONLY and k["ratio"] == 0 for k in keys if k["set"] is None)
+    assert len(keys) == 3 + 2 * 2 * 3
+    for k, index, _ in plan:
+        if k["set"] is not None:
+            lo = 0 if k["set"] == "lora" else 90  # each set's images only
+            assert all(lo <= i < lo + 90 for i in index) and len(index) == round(k["ratio"] * 20)
+    # the authors' protocol: real only + one topup arm per set, its effective ratio recorded
+    top = _plan(cfg.model_copy(update={"protocol": "topup", "topup_per_class": 12}), real, pools)
+    arms = list(dict.fromkeys((k["set"], k["arm"]) for k, _, _ in top))
+    assert arms == [(None, REAL_ONLY), ("lora", "topup 12"), ("lora_ti", "topup 12")]
+    k, index, notes = top[-1]
+    assert notes["total"] == dict.fromkeys(CLASSES, 12) and k["ratio"] == pytest.approx(len(index) / 20)
+    # no 0 among the ratios: no real-only runs, as configured
+    assert all(k["set"] for k, _, _ in _plan(cfg.model_copy(update={"ratios": [1.0]}), real, pools))
+
+
+def test_summary_pairs_every_set_with_the_shared_real_only_runs_by_seed():
+    def run(name, arm, ratio, seed, acc):
         test = {"accuracy": acc, "recall": dict.fromkeys(CLASSES, acc)}
         return {
+            "set": name,
+            "arm": arm,
             "ratio": ratio,
             "seed": seed,
             "status": "ok",
@@ -73,16 +133,22 @@ def test_summary_pairs_each_ratio_with_real_only_by_seed():
         }
 
     runs = [
-        run(0, 0, 0.6),
-        run(0, 1, 0.7),
-        run(1, 0, 0.7),
-        run(1, 1, 0.75),
-        {"ratio": 1, "seed": 2, "status": "failed", "error": "boom", "n_train_synthetic": 10},
+        run(None, REAL_ONLY, 0, 0, 0.6),
+        run(None, REAL_ONLY, 0, 1, 0.7),
+        run("a", "ratio 1", 1, 0, 0.7),
+        run("a", "ratio 1", 1, 1, 0.75),
+        {"set": "a", "arm": "ratio 1", "ratio": 1, "seed": 2, "status": "failed", "n_train_synthetic": 10},
+        run("b", "ratio 1", 1, 0, 0.5),
+        run("b", "ratio 1", 1, 1, 0.7),
     ]
-    rows = summarize(runs, [0, 1], CLASSES)
-    assert rows[0]["accuracy"]["mean"] == pytest.approx(0.65) and rows[1]["n_failed"] == 1
-    paired = rows[1]["vs_real_only"]["accuracy"]
-    assert paired["n_pairs"] == 2 and paired["mean_diff"] == pytest.approx(0.075) and paired["wins"] == 2
+    rows = summarize(runs, CLASSES)
+    assert [(r["set"], r["arm"]) for r in rows] == [(None, REAL_ONLY), ("a", "ratio 1"), ("b", "ratio 1")]
+    assert rows[0]["accuracy"]["mean"] == pytest.approx(0.65) and "vs_real_only" not in rows[0]
+    a, b = rows[1]["vs_real_only"]["accuracy"], rows[2]["vs_real_only"]["accuracy"]
+    assert rows[1]["n_failed"] == 1 and a["n_pairs"] == 2 and a["wins"] == 2
+    assert a["mean_diff"] == pytest.approx(0.075) and b["mean_diff"] == pytest.approx(-0.05)
+    assert b["losses"] == 1 and b["wins"] == 0  # seed 1 ties
+    assert rows_of_set({"summary": rows}, "b") == [rows[0], rows[2]]
 
 
 def _arrays(n, size, seed):
@@ -96,14 +162,19 @@ def _arrays(n, size, seed):
 def test_one_run_trains_selects_on_val_and_scores_test(tmp_path):
     import timm
 
-    (tx, ty), (vx, vy), (sx, sy) = _arrays(18, 32, 0), _arrays(6, 32, 1), _arrays(9, 32, 2)
+    (tx, ty), (vx, vy), (sx, sy), (ex, ey) = (
+        _arrays(18, 32, 0),
+        _arrays(6, 32, 1),
+        _arrays(9, 32, 2),
+        _arrays(12, 32, 3),
+    )
     arrays = {
         "train_x": tx,
         "train_y": ty,
         "val_x": vx,
         "val_y": vy,
-        "test_x": vx,
-        "test_y": vy,
+        "test_x": ex,
+        "test_y": ey,
         "syn_x": sx,
         "syn_y": sy,
     }
@@ -112,7 +183,7 @@ def test_one_run_trains_selects_on_val_and_scores_test(tmp_path):
     spec = {
         "model": "resnet18",
         "pretrained": str(pretrained),
-        "epochs": 2,
+        "epochs": 3,
         "batch_size": 8,
         "lr": 1e-3,
         "seed": 0,
@@ -123,11 +194,20 @@ def test_one_run_trains_selects_on_val_and_scores_test(tmp_path):
         "threads": 1,
         "syn_index": [0, 3, 5],
     }
-    res = train_run(spec, arrays)
-    assert res["status"] == "ok" and res["n_train_synthetic"] == 3 and len(res["curve"]) == 2
-    assert res["val_best"] == max(c["val"] for c in res["curve"])
-    assert res["best_epoch"] in (0, 1)
+    torch.set_num_threads(2)
+    try:
+        res = train_run(spec, arrays)
+        assert res["threads"] == 1 and torch.get_num_threads() == 2  # its own count, then the caller's back
+    finally:
+        torch.set_num_threads(1)
+    assert res["status"] == "ok" and res["n_train_synthetic"] == 3 and len(res["curve"]) == 3
+    vals = [c["val"] for c in res["curve"]]
+    assert res["best_epoch"] == int(np.argmax(vals)) and res["val_best"] == max(vals)  # first best epoch
+    assert res["test"]["n"] == 12  # scored on the test arrays, not on val
     assert set(res["test"]) >= {"accuracy", "balanced_accuracy", "macro_f1", "auc", "malignant_sensitivity"}
+    # the model scored is the selected epoch's: scoring it on val reproduces the best val figure
+    on_val = train_run(spec, {**arrays, "test_x": vx, "test_y": vy})
+    assert on_val["best_epoch"] == res["best_epoch"]
+    assert on_val["test"]["balanced_accuracy"] == pytest.approx(res["val_best"])
     # ImageNet weights from a local file: everything but the 1000-class head is loaded
     assert res["init"]["kind"] == "pretrained" and res["init"]["skipped"] == ["fc.bias", "fc.weight"]
-    assert torch.get_num_threads() >= 1

@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from busdiff.evaluate.features import FeatureCache, FeatureExtractor, ImageItem, read_rgb
+from busdiff.evaluate.features import FeatureCache, FeatureExtractor, ImageItem, read_rgb, with_hashes
 from busdiff.evaluate.fidelity import fid
-from tests.unit.evaluate_fixture import shared_weights, synthetic_folder
+from busdiff.evaluate.inception import resolve_weights
+from tests.unit.evaluate_fixture import fresh_cache_dir, shared_weights, synthetic_folder
 
 
 @pytest.mark.parametrize(
@@ -71,3 +72,16 @@ def test_features_are_cached_by_content(weights, tmp_path):
 
     # other weights (another extractor id) never read these features
     assert FeatureCache(cache_dir, "other-extractor").get([items[0].sha256 or "x"]) == {}
+
+
+def test_features_computed_on_another_device_are_not_reused(tmp_path):
+    items = [ImageItem(p.stem, str(p)) for p in sorted(synthetic_folder(tmp_path / "s", 1).rglob("*.png"))]
+    cache_dir = fresh_cache_dir(tmp_path / "cache")
+    weights = resolve_weights("auto", cache_dir, download_timeout_s=0)
+    FeatureExtractor(weights, cache_dir, device="cpu").features(items)
+    shas = [it.sha256 for it in with_hashes(items)]
+    assert len(FeatureExtractor(weights, cache_dir, device="cpu").cache.get(shas)) == 3
+    # CUDA convolutions (TF32 by default) give other last bits: a GPU run must not read CPU features
+    gpu = FeatureExtractor(weights, cache_dir, device="cuda")
+    assert gpu.cache.get(shas) == {}
+    assert "cpu-fp32" in FeatureExtractor(weights, cache_dir).stats.extractor_id

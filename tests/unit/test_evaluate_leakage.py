@@ -10,7 +10,7 @@ from PIL import Image
 
 from busdiff.config import SplitConfig
 from busdiff.evaluate.inputs import real_records, select
-from busdiff.evaluate.leakage import LeakageError, guard_held_out
+from busdiff.evaluate.leakage import LeakageError, adapter_trained_ids, guard_held_out
 from busdiff.models.adapters import AdapterError
 from tests.unit.evaluate_fixture import adapter_json_only, real_phantom
 
@@ -41,7 +41,7 @@ def test_trained_ids_and_duplicates_are_refused_and_named(busi, tmp_path):
     test = select(recs, ["test"])
     adapter = adapter_json_only(tmp_path / "adapter", [seen.id, "benign_9999"])
 
-    res = guard_held_out(test, recs, adapter_dirs=[adapter])
+    res = guard_held_out(test, recs, adapters=adapter_trained_ids([adapter]))
     refused = {x["id"]: x for x in res.refused}
     assert set(refused) == {seen.id, exact.id, near.id}
     assert "trained on by adapter" in refused[seen.id]["reason"]
@@ -51,7 +51,7 @@ def test_trained_ids_and_duplicates_are_refused_and_named(busi, tmp_path):
     assert res.adapters[0]["n_trained_ids"] == 2 and res.adapters[0]["n_unknown_ids"] == 1
 
     with pytest.raises(LeakageError, match=f"{seen.id}: same image: trained on by adapter") as e:
-        guard_held_out(test, recs, adapter_dirs=[adapter], mode="error")
+        guard_held_out(test, recs, adapters=adapter_trained_ids([adapter]), mode="error")
     assert exact.id in str(e.value) and near.id in str(e.value)
 
 
@@ -59,4 +59,4 @@ def test_a_broken_adapter_is_an_error(busi, tmp_path):
     _, recs, test, _ = busi
     (tmp_path / "half").mkdir()
     with pytest.raises(AdapterError, match="adapter.json is missing"):
-        guard_held_out(test, recs, adapter_dirs=[tmp_path / "half"])
+        adapter_trained_ids([tmp_path / "half"])

@@ -120,14 +120,11 @@ def test_lora_only_captions_need_no_token():
         (["model.device=cuda"], ConfigError, "finetune.scaling.use_gpu"),
     ],
 )
-def test_bad_input_is_refused_before_ray_starts(phantom, tmp_path, sets, exc, needle):
-    import ray
-
+def test_bad_input_is_refused_before_ray_starts(phantom, tmp_path, sets, exc, needle, forbid_ray_start):
     cfg = _cfg(phantom, tmp_path, *sets)
     with pytest.raises(exc) as e:
         run_finetune(cfg)
     assert needle in str(e.value)
-    assert not ray.is_initialized()
     assert not (tmp_path / "run").exists()
 
 
@@ -152,12 +149,14 @@ def test_a_run_dir_resumes_only_under_the_same_training_config(phantom, tmp_path
     (tmp_path / "run" / "run.json").write_text(json.dumps({"fingerprint": prep.fingerprint}))
     # Scheduling fields may change between a run and its resumption...
     assert prepare(
-        _cfg(phantom, tmp_path, "finetune.max_failures=0", "finetune.scaling.num_workers=2")
+        _cfg(phantom, tmp_path, "finetune.max_failures=0", "finetune.scaling.cpus_per_worker=2")
     ).resumable
-    # ...fields that change the weights may not.
+    # ...fields that change the weights may not: the worker count decides the shards and the batch.
     with pytest.raises(ConfigError) as e:
         prepare(_cfg(phantom, tmp_path, "finetune.lora.rank=8", "finetune.seed=1"))
     assert "finetune.lora.rank" in str(e.value) and "finetune.seed" in str(e.value)
+    with pytest.raises(ConfigError, match=r"changed: finetune\.scaling\.num_workers\)"):
+        prepare(_cfg(phantom, tmp_path, "finetune.scaling.num_workers=2"))
 
 
 def test_cli_reports_bad_input_with_exit_code_2(phantom, capsys):

@@ -12,11 +12,14 @@ from safetensors.torch import load_file, save_file
 from busdiff.config import load_config
 from busdiff.data.phantom import write_phantom
 from busdiff.finetune.data import EpochBatches, shard_bounds
-from busdiff.finetune.model import FinetuneModel
+from busdiff.finetune.learner import Learner
+from busdiff.finetune.model import TI_KEY, FinetuneModel
 from busdiff.finetune.plain import local_rows, plain_train
 from busdiff.finetune.recipe import phases
 from busdiff.finetune.trainer import prepare
+from busdiff.finetune.validation import validation_images
 from busdiff.generate.prompts import render_prompt
+from busdiff.models.presets import build_components
 
 CPU = torch.device("cpu")
 
@@ -53,6 +56,11 @@ def _cfg(data, *sets):
 
 def _snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _trainable(model: FinetuneModel) -> dict[str, torch.Tensor]:
+    """A copy: on a CPU in float32, trainable_state() holds the live parameters themselves."""
+    return {k: v.clone() for k, v in model.trainable_state().items()}
 
 
 def test_ti_trains_only_the_placeholder_rows(data):
@@ -100,9 +108,7 @@ def test_lora_then_ti_trains_lora_first_then_only_the_token(data):
 
 
 def test_pivotal_lora_plus_ti_trains_both_at_once(data):
-    cfg = _cfg(
-        data, "finetune.method=lora+ti", "finetune.lora.steps=2", "finetune.gradient_checkpointing=true"
-    )
+    cfg = _cfg(data, "finetune.method=lora+ti", "finetune.lora.steps=2")
     model = FinetuneModel(cfg, CPU)
     lora0 = {n: p.detach().clone() for n, p in model.lora_parameters()}
     row0 = model.embeddings[model.token_ids].detach().clone()
@@ -114,8 +120,6 @@ def test_pivotal_lora_plus_ti_trains_both_at_once(data):
 
 def test_text_encoder_lora_trains_and_plain_diffusers_loads_it(data, tmp_path):
     from diffusers import StableDiffusionPipeline
-
-    from busdiff.models.presets import build_components
 
     cfg = _cfg(data, "finetune.method=lora", "finetune.lora.text_encoder=true", "finetune.lora.steps=2")
     model = FinetuneModel(cfg, CPU)
@@ -231,3 +235,94 @@ def test_micro_batches_are_seeded_and_use_each_row_once_per_epoch(data):
     left_out = [({r["id"] for r in rows} - set(a[2 * e][2] + a[2 * e + 1][2])).pop() for e in range(3)]
     assert len(set(left_out)) > 1 or len({tuple(a[2 * e][2]) for e in range(3)}) > 1
     assert [i for _, _, i in batches(rank=1)] != [i for _, _, i in a]
+
+
+def test_lora_init_follows_finetune_seed_on_a_pretrained_base(data, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    base = tmp_path / "base"  # loading it draws nothing from torch's RNG, unlike the seeded tiny preset
+    StableDiffusionPipeline(**build_components("tiny"), requires_safety_checker=False).save_pretrained(base)
+
+    def start(seed: int) -> dict[str, torch.Tensor]:
+        sets = ("model.preset=pretrained", f"model.base={base}", "finetune.lora.text_encoder=true")
+        cfg = _cfg(data, "finetune.method=lora", *sets, f"finetune.seed={seed}")
+        return FinetuneModel(cfg, CPU).trainable_state()
+
+    a, b, c = start(0), start(0), start(1)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    gaussian = [k for k in a if "lora_A" in k]  # lora_B starts at zero whatever the seed
+    assert any(k.startswith("text_encoder.") for k in gaussian)
+    assert all(not torch.equal(a[k], c[k]) for k in gaussian)
+
+
+def _count_forwards(module: torch.nn.Module, counts: dict[str, int], key: str) -> None:
+    counts[key] = 0
+    module.register_forward_hook(lambda *_: counts.__setitem__(key, counts[key] + 1))
+
+
+def test_gradient_checkpointing_recomputes_unet_and_text_encoder_blocks(data):
+    def one_step(checkpointing: str) -> tuple[dict[str, int], dict[str, torch.Tensor]]:
+        sets = ("finetune.method=lora+ti", "finetune.lora.steps=1")
+        cfg = _cfg(data, *sets, f"finetune.gradient_checkpointing={checkpointing}")
+        model = FinetuneModel(cfg, CPU)
+        counts: dict[str, int] = {}
+        # Early modules of checkpointed blocks that gradients pass through (after the first LoRA / the
+        # placeholder rows): backward runs them again (and stops recomputing after the block's last saved
+        # tensor, so not a block's last module).
+        _count_forwards(model.unet.up_blocks[0].resnets[0].conv1, counts, "unet")
+        _count_forwards(model.text_encoder.encoder.layers[0].layer_norm1, counts, "text_encoder")
+        plain_train(cfg, data[1], model=model)
+        return counts, _trainable(model)
+
+    (off, w_off), (on, w_on) = one_step("false"), one_step("true")
+    assert off == {"unet": 1, "text_encoder": 1}
+    assert on == {"unet": 2, "text_encoder": 2}
+    for k in w_off:  # memory for compute: the same weights
+        assert torch.equal(w_on[k], w_off[k]), k
+
+
+def test_validation_prompts_reach_the_text_encoder_as_in_training(data):
+    cfg = _cfg(data, "finetune.method=ti", "finetune.ti.num_vectors=2")
+    model = FinetuneModel(cfg, CPU)
+    seen: list[torch.Tensor] = []
+    model.text_encoder.get_input_embeddings().register_forward_hook(lambda m, args, out: seen.extend(args[0]))
+    v = cfg.finetune.validation.model_copy(update={"n_per_class": 1, "steps": 1})
+    validation_images(model, v, 32)
+    with_token = [tuple(r.tolist()) for r in seen if (r == model.token_ids[0]).any()]
+    assert sorted(with_token) == sorted(tuple(ids.tolist()) for ids in model.input_ids.values())
+
+
+def test_lr_schedule_waits_for_steps_the_loss_scaler_skips(data, monkeypatch):
+    cfg = _cfg(data, "finetune.method=lora", "finetune.lora.steps=4", "finetune.lr_scheduler=linear")
+    model = FinetuneModel(cfg, CPU)
+    learner = Learner(model, phases(cfg.finetune)[0], 0)
+    learner.scaler = torch.amp.GradScaler("cpu")  # fp16's path (a GPU one); the scaler runs on CPU tensors
+    batches = EpochBatches(data[1], 2, len(data[1]) // 2, 0, 0, 32, random_flip=False, random_crop=False)
+    lr0, w0 = learner.lrs()["lr_lora"], _trainable(model)
+    loss = model.loss
+    monkeypatch.setattr(model, "loss", lambda *a: loss(*a) * float("inf"))  # gradients overflow, as in fp16
+    learner.step(batches, 0)
+    assert learner.scaler.get_scale() == 2.0**15  # the scaler skipped the update and backed off
+    w1 = _trainable(model)
+    assert all(torch.equal(w0[k], w1[k]) for k in w0)
+    assert learner.lrs()["lr_lora"] == lr0  # the schedule did not move either
+    monkeypatch.setattr(model, "loss", loss)
+    assert np.isfinite(learner.step(batches, 1))
+    assert learner.lrs()["lr_lora"] == pytest.approx(0.75 * lr0)  # linear: 1 of 4 steps taken
+    assert any(not torch.equal(w1[k], v) for k, v in model.trainable_state().items())
+
+
+def test_bf16_mixed_precision_trains_and_validates_on_the_cpu(data):
+    cfg = _cfg(data, "finetune.method=lora+ti", "finetune.lora.steps=2", "finetune.mixed_precision=bf16")
+    model = FinetuneModel(cfg, CPU)
+    assert model.vae.encoder.conv_in.weight.dtype == model.unet.conv_in.weight.dtype == torch.bfloat16
+    assert {p.dtype for _, p in model.lora_parameters()} == {torch.float32}  # trainable weights stay fp32
+    assert model.embeddings.dtype == torch.float32
+    before = _trainable(model)
+    run = plain_train(cfg, data[1], model=model)
+    assert len(run.losses) == 2 and all(np.isfinite(run.losses))
+    after = model.trainable_state()
+    assert all(not torch.equal(before[k], after[k]) for k in after if "lora_B" in k or k == TI_KEY)
+    v = cfg.finetune.validation.model_copy(update={"n_per_class": 1, "steps": 2})
+    images = validation_images(model, v, 32)
+    assert all(im.shape == (32, 32, 3) and im.std() > 0 for ims in images.values() for im in ims)

@@ -3,27 +3,14 @@
 from __future__ import annotations
 
 import pytest
-import torch
 
 from busdiff.cli import main
 from busdiff.config import ConfigError, load_config
 from busdiff.generate.plan import build_plan, class_counts, make_id
-from busdiff.models.adapters import add_ti_tokens, save_adapters
-from busdiff.models.presets import build_components
 from tests.conftest import REPO
+from tests.unit.adapter_fixture import ti_adapter
 
 TOKEN = "<bus>"
-
-
-def _adapter(path, base_model: str = "tiny"):
-    comps = build_components("tiny", seed=0)
-    add_ti_tokens(comps["tokenizer"], comps["text_encoder"], [TOKEN], "ultrasound")
-    with torch.no_grad():
-        comps["text_encoder"].get_input_embeddings().weight[-1] += 1.0
-    save_adapters(
-        path, comps, lora_unet=False, ti_tokens=[TOKEN], base_model=base_model, trained_ids=["benign_0001"]
-    )
-    return path
 
 
 def test_same_config_same_ids_and_seeds():
@@ -96,9 +83,10 @@ def test_count_and_total_are_exclusive_and_img2img_must_run():
 
 
 def test_adapter_token_goes_into_every_prompt(tmp_path):
-    adir = _adapter(tmp_path / "adapter")
+    adir = ti_adapter(tmp_path / "adapter", TOKEN)
     plan = build_plan(load_config(None, ["generate.count=1", f"generate.adapters={adir}"]))
-    assert plan.token == TOKEN and len(plan.adapter_hash) == 16
+    assert set(plan.tokens.values()) == {TOKEN} and len(plan.adapter_hash) == 16
+    assert plan.provenance()["adapter"]["trained_ids"] == ["benign_0001"]
     assert all(TOKEN in r["prompt"] for r in plan.rows)
     assert plan.recipe["adapter_hash"] == plan.adapter_hash
     # a template without {token} would load the TI embedding and never use it (the paper's code did)
@@ -107,7 +95,7 @@ def test_adapter_token_goes_into_every_prompt(tmp_path):
 
 
 def test_adapters_for_another_base_model_are_refused_naming_both(tmp_path):
-    adir = _adapter(tmp_path / "adapter", base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
+    adir = ti_adapter(tmp_path / "adapter", TOKEN, base_model="stable-diffusion-v1-5/stable-diffusion-v1-5")
     with pytest.raises(ConfigError) as e:
         build_plan(load_config(None, [f"generate.adapters={adir}", "model.preset=tiny"]))
     msg = str(e.value)
@@ -121,14 +109,16 @@ def test_real_images_from_a_folder_become_refine_rows(tmp_path):
     from busdiff.data.phantom import write_phantom
 
     write_phantom(tmp_path / "busi", 3, seed=1, size=64)
-    cfg = load_config(None, [f"generate.source={tmp_path / 'busi'}", "generate.count={malignant: 2}"])
+    cfg = load_config(None, [f"generate.source={tmp_path / 'busi'}", "generate.count={malignant: 2}",
+                             "generate.source_split=all"])
     plan = build_plan(cfg)
     assert plan.mode == "refine" and plan.counts == {"malignant": 2}
     assert plan.ids == ["syn-malignant_0001", "syn-malignant_0002"]
     assert all(r["source"].endswith(".png") and r["seed"] == -1 for r in plan.rows)
-    train = build_plan(
-        load_config(None, [f"generate.source={tmp_path / 'busi'}", "generate.source_split=train"])
-    )
+    # plan.json's provenance names each sample's real source by id and content, for evaluation's guard
+    assert plan.provenance()["sources"]["syn-malignant_0001"]["record"] == "malignant_0001"
+    assert len(plan.provenance()["sources"]["syn-malignant_0001"]["sha256"]) == 64
+    train = build_plan(load_config(None, [f"generate.source={tmp_path / 'busi'}"]))
     assert 0 < len(train.rows) < 9
 
 
@@ -139,18 +129,15 @@ def test_shipped_generate_configs_are_valid():
         load_config(p)
 
 
-def test_cli_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys):
-    import ray
-
+def test_cli_bad_config_exits_2_naming_the_field_before_ray(tmp_path, capsys, forbid_ray_start):
     bad = tmp_path / "bad.yaml"
     bad.write_text("generate:\n  count: {benign: 2, cyst: 1}\n")
     assert main(["generate", str(bad)]) == 2
     err = capsys.readouterr().err
     assert "generate.count" in err and "cyst" in err
-    adir = _adapter(tmp_path / "adapter", base_model="sd15-shape")
+    adir = ti_adapter(tmp_path / "adapter", TOKEN, base_model="sd15-shape")
     assert main(["generate", "--set", f"generate.adapters={adir}"]) == 2
     assert "'sd15-shape'" in capsys.readouterr().err
-    assert not ray.is_initialized()
 
 
 def test_resource_shortfalls_are_named_before_the_run_waits_on_them():
@@ -182,3 +169,41 @@ def test_generate_subcommand_has_help():
         timeout=60,
     )
     assert r.returncode == 0 and "usage: busdiff generate" in r.stdout and "--set" in r.stdout
+
+
+def test_each_class_prompt_gets_its_own_adapter_token(tmp_path):
+    tokens = {"benign": "<bus-benign>", "malignant": "<bus-malignant>", "normal": "<bus-normal>"}
+    adir = ti_adapter(tmp_path / "adapter", tokens)
+    plan = build_plan(load_config(None, ["generate.count=2", f"generate.adapters={adir}"]))
+    for r in plan.rows:
+        others = [t for c, t in tokens.items() if c != r["label"]]
+        assert tokens[r["label"]] in r["prompt"] and not any(t in r["prompt"] for t in others), r
+    assert plan.tokens == tokens
+    assert plan.recipe["prompts"]["malignant"].startswith("an <bus-malignant> image")
+    # generate.token overrides every class's token
+    forced = build_plan(load_config(None, ["generate.count=1", f"generate.adapters={adir}",
+                                           "generate.token=<bus-benign>"]))
+    assert all("<bus-benign>" in r["prompt"] for r in forced.rows)
+
+
+def test_an_adapter_with_several_tokens_and_no_class_map_is_refused(tmp_path):
+    import json
+
+    adir = ti_adapter(tmp_path / "adapter", {"benign": "<a>", "malignant": "<b>", "normal": "<c>"})
+    meta = json.loads((adir / "adapter.json").read_text())
+    meta.pop("class_tokens")
+    meta["extra"].pop("class_tokens", None)
+    (adir / "adapter.json").write_text(json.dumps(meta))
+    with pytest.raises(ConfigError, match="generate.adapters.*3 tokens.*class"):
+        build_plan(load_config(None, ["generate.count=1", f"generate.adapters={adir}"]))
+
+
+def test_refining_real_images_defaults_to_the_train_split(tmp_path):
+    from busdiff.data.phantom import write_phantom
+
+    write_phantom(tmp_path / "busi", 20, seed=1, size=64)
+    plan = build_plan(load_config(None, [f"generate.source={tmp_path / 'busi'}", "generate.count=100"]))
+    assert plan.recipe["source_split"] == "train"
+    everything = build_plan(load_config(None, [f"generate.source={tmp_path / 'busi'}", "generate.count=100",
+                                               "generate.source_split=all"]))
+    assert len(plan.rows) < len(everything.rows) == 60

@@ -19,6 +19,7 @@ look, for tests and smoke runs where BUSI itself cannot be shipped.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -321,3 +322,24 @@ def write_phantom(out: str | Path, n_per_class: int, seed: int = 0, size: int = 
             _save_atomic(Image.fromarray(mask), d / f"{label} ({i})_mask.png")
             paths.append(p)
     return paths
+
+
+PHANTOM_STAMP = ".busdiff-phantom.json"
+
+
+def write_phantom_once(out: str | Path, n_per_class: int, seed: int = 0, size: int = 256) -> bool:
+    """:func:`write_phantom` into ``out`` unless it already holds exactly that data (its stamp file says
+    so): True when it wrote. A folder holding anything else is refused rather than merged into."""
+    root = Path(out)
+    recipe = {"n_per_class": int(n_per_class), "seed": int(seed), "size": int(size)}
+    stamp = root / PHANTOM_STAMP
+    if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
+        return False
+    if root.exists() and any(root.iterdir()):
+        raise ValueError(
+            f"{root} is not empty and does not hold phantom data {recipe} (its {PHANTOM_STAMP} says "
+            f"{stamp.read_text().strip() if stamp.is_file() else 'nothing'}): choose an empty folder"
+        )
+    write_phantom(root, n_per_class, seed=seed, size=size)
+    stamp.write_text(json.dumps(recipe) + "\n")
+    return True

@@ -1,13 +1,23 @@
 """Downstream classifier experiments: does adding synthetic images help a classifier on real test data?
 
-A timm model (resnet18 by default) is trained on the real train split alone (ratio 0) and on the real
-train split plus ``ratio x`` as many synthetic images (drawn per class in the real class proportions),
-for several seeds. The epoch with the best validation score (``select_metric``) is kept and scored once on
-the test split. Each (ratio, seed) run is one Ray task with the configured CPUs/GPUs; a crashed run is
-retried ``max_retries`` times and then reported as failed with its error, never dropped.
+A classifier is trained on the real train split alone (real only) and on the real train split plus
+synthetic images, for several seeds. Two protocols say how many synthetic images: ``ratios`` (``ratio x``
+as many as real ones, drawn per class in the real class proportions) and ``topup`` (the authors': each
+class topped up to ``topup_per_class`` training images). The epoch with the best validation score
+(``select_metric``) is kept and scored once on the test split, and each arm is paired by seed with real
+only. Several named synthetic sets (the study's configurations) are judged at once: every run of every
+set is one Ray task with the configured CPUs/GPUs, all launched together, and the real-only runs are
+shared by all sets (launched once). A crashed run is retried ``max_retries`` times and then reported as
+failed with its error, never dropped.
 
-Images are decoded and resized once in the driver and shared with every run through the object store,
-so workers need no access to the image files.
+Models: a timm model (resnet18 by default; random init or local ``.safetensors`` weights), or
+``inception-frozen``: a linear/MLP head on the 2048-d pool3 features of the FID Inception network,
+which is ImageNet-trained and loads offline. Those features come from the evaluation's content-keyed
+feature cache, so they cost no network pass where FID already ran; they are of the unflipped images
+(no flip augmentation for the head).
+
+Images (or features) are prepared once in the driver and shared with every run through the object
+store, so workers need no access to the image files.
 """
 
 from __future__ import annotations
@@ -16,7 +26,7 @@ import copy
 import math
 import time
 import traceback
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,11 +36,20 @@ import torch
 from PIL import Image
 
 from busdiff.config import ClassifierConfig
-from busdiff.evaluate.features import ImageItem, read_rgb
+from busdiff.evaluate.features import FeatureExtractor, ImageItem, read_rgb
 
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
 MALIGNANT = "malignant"
+REAL_ONLY = "real-only"  # the arm of the shared real-only runs (set None)
+DEFAULT_SET = "synthetic"  # the name of a single synthetic set given as a list
+PROTOCOLS = {
+    "ratios": "real train + ratio x as many synthetic images, drawn per class in the real class "
+    "proportions; model picked on val, scored on test",
+    "topup": "the authors' protocol: real train topped up with synthetic images to {n} per class, model "
+    "picked on val (scored here on a separate test split, several seeds; the authors reported on the "
+    "val images they selected on, one seed)",
+}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,17 +116,15 @@ def load_images(items: Sequence[ImageItem], size: int) -> np.ndarray:
     return out
 
 
-def synthetic_subset(
-    real_counts: dict[str, int], synthetic: dict[str, list[int]], ratio: float, seed: int
+def _draw(
+    wants: dict[str, int], pools: dict[str, list[int]], rng: np.random.Generator
 ) -> tuple[list[int], dict[str, Any]]:
-    """Indices of ``ratio x real_counts[c]`` synthetic images per class (seeded draw without replacement);
-    a class with too few is used whole and the shortfall noted."""
-    rng = np.random.default_rng([seed, int(round(ratio * 1000))])
+    """``wants[c]`` of ``pools[c]`` per class (seeded, without replacement); a class with too few is used
+    whole and the shortfall noted."""
     chosen: list[int] = []
     notes: dict[str, Any] = {"requested": {}, "used": {}, "short": []}
-    for c, n_real in real_counts.items():
-        want = int(round(ratio * n_real))
-        pool = synthetic.get(c, [])
+    for c, want in wants.items():
+        pool = pools.get(c, [])
         take = min(want, len(pool))
         notes["requested"][c] = want
         notes["used"][c] = take
@@ -115,6 +132,27 @@ def synthetic_subset(
             notes["short"].append(f"{c}: {want} requested, {len(pool)} available")
         if take:
             chosen += [pool[i] for i in sorted(rng.choice(len(pool), take, replace=False))]
+    return chosen, notes
+
+
+def synthetic_subset(
+    real_counts: dict[str, int], synthetic: dict[str, list[int]], ratio: float, seed: int
+) -> tuple[list[int], dict[str, Any]]:
+    """Indices of ``ratio x real_counts[c]`` synthetic images per class (seeded draw without replacement);
+    a class with too few is used whole and the shortfall noted."""
+    rng = np.random.default_rng([seed, int(round(ratio * 1000))])
+    return _draw({c: int(round(ratio * n)) for c, n in real_counts.items()}, synthetic, rng)
+
+
+def topup_subset(
+    real_counts: dict[str, int], synthetic: dict[str, list[int]], per_class: int, seed: int
+) -> tuple[list[int], dict[str, Any]]:
+    """The authors' protocol: synthetic indices topping each class up to ``per_class`` training images
+    (real images are never dropped: a class with as many gets none). ``notes["total"]``: real + synthetic
+    per class, ``per_class`` unless ``notes["short"]`` says why not."""
+    rng = np.random.default_rng([seed, per_class, 1])
+    chosen, notes = _draw({c: max(0, per_class - n) for c, n in real_counts.items()}, synthetic, rng)
+    notes["total"] = {c: n + notes["used"][c] for c, n in real_counts.items()}
     return chosen, notes
 
 
@@ -144,32 +182,105 @@ def _load_pretrained(model: torch.nn.Module, path: str) -> dict[str, Any]:
     }
 
 
-def _to_input(batch: np.ndarray, device: torch.device) -> torch.Tensor:
-    x = torch.tensor(batch).permute(0, 3, 1, 2).float().div_(255.0)
+# A batch of ``arrays`` rows -> the model's input on the device; ``rng`` given = training (augment).
+Prepare = Callable[[np.ndarray, torch.device, "np.random.Generator | None"], torch.Tensor]
+
+
+def _images_in(
+    batch: np.ndarray, device: torch.device, rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """uint8 NHWC -> ImageNet-normalised NCHW; in training a random half is flipped horizontally."""
+    if rng is not None:
+        flip = rng.random(len(batch)) < 0.5
+        batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
+    x = torch.tensor(np.ascontiguousarray(batch)).permute(0, 3, 1, 2).float().div_(255.0)
     return ((x - _MEAN) / _STD).to(device)
 
 
-def _predict(model: torch.nn.Module, images: np.ndarray, device: torch.device, batch: int) -> np.ndarray:
+def _features_in(
+    batch: np.ndarray, device: torch.device, rng: np.random.Generator | None = None
+) -> torch.Tensor:
+    """Cached features as they are: no augmentation (flipped images' features are not cached)."""
+    return torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(device)
+
+
+class FeatureHead(torch.nn.Module):
+    """The head of ``inception-frozen``: features standardised by the training set's mean and std (fixed
+    buffers), then a linear layer, or one hidden ReLU layer of ``hidden`` units."""
+
+    def __init__(self, train_x: np.ndarray, n_classes: int, hidden: int | None = None) -> None:
+        super().__init__()
+        x = torch.from_numpy(np.asarray(train_x, dtype=np.float32))
+        self.register_buffer("mean", x.mean(0))
+        self.register_buffer("scale", x.std(0, correction=0).clamp_min(1e-6))
+        d = x.shape[1]
+        self.net: torch.nn.Module = (
+            torch.nn.Linear(d, n_classes)
+            if hidden is None
+            else torch.nn.Sequential(
+                torch.nn.Linear(d, hidden), torch.nn.ReLU(), torch.nn.Linear(hidden, n_classes)
+            )
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net((x - self.mean) / self.scale)
+
+
+def _model(spec: dict[str, Any], train_x: np.ndarray) -> tuple[torch.nn.Module, dict[str, Any], Prepare]:
+    """The model of ``spec`` (seeded by the caller), how it was initialised, and its input preparation."""
+    n = len(spec["classes"])
+    if spec["model"] == ClassifierConfig.FROZEN:
+        if train_x.ndim != 2:
+            raise ValueError("inception-frozen trains on feature arrays (N, 2048), got images")
+        fields = ClassifierConfig.model_fields  # the config's defaults for specs without them
+        head = spec.get("head", fields["head"].default)
+        hidden = spec.get("head_hidden", fields["head_hidden"].default) if head == "mlp" else None
+        init = {
+            "kind": ClassifierConfig.FROZEN,
+            "head": head,
+            "hidden": hidden,
+            **(spec.get("features") or {}),
+        }
+        return FeatureHead(train_x, n, hidden), init, _features_in
+    import timm
+
+    model = timm.create_model(spec["model"], pretrained=False, num_classes=n)
+    init = {"kind": "random"}
+    if spec.get("pretrained"):
+        init = {"kind": "pretrained", **_load_pretrained(model, spec["pretrained"])}
+    return model, init, _images_in
+
+
+def _predict(
+    model: torch.nn.Module, data: np.ndarray, device: torch.device, batch: int, prepare: Prepare
+) -> np.ndarray:
     model.eval()
     out = []
     with torch.inference_mode():
-        for s in range(0, len(images), batch):
+        for s in range(0, len(data), batch):
             out.append(
-                torch.softmax(model(_to_input(images[s : s + batch], device)), 1).float().cpu().numpy()
+                torch.softmax(model(prepare(data[s : s + batch], device, None)), 1).float().cpu().numpy()
             )
     return np.concatenate(out) if out else np.zeros((0, 0))
 
 
 def train_run(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Train one (ratio, seed) classifier and score it; the body of a Ray task (also callable directly).
+    """Train one classifier and score it; the body of a Ray task (also callable directly).
 
-    ``arrays``: ``train_x/train_y/val_x/val_y/test_x/test_y`` (uint8 NHWC, int labels) and ``syn_x/syn_y``;
-    ``spec``: model, pretrained, epochs, batch_size, lr, seed, ratio, classes, select_metric, device,
-    threads and ``syn_index`` (the synthetic images of this run)."""
-    import timm
-
-    t0 = time.perf_counter()
+    ``arrays``: ``train_x/train_y/val_x/val_y/test_x/test_y`` and ``syn_x/syn_y`` (uint8 NHWC images, or
+    ``(N, 2048)`` features for inception-frozen; int labels); ``spec``: model, pretrained, epochs,
+    batch_size, lr, seed, ratio, classes, select_metric, device, threads and ``syn_index`` (the synthetic
+    images of this run); optional head, head_hidden, weight_decay, features (its source, for the record)."""
+    threads = torch.get_num_threads()
     torch.set_num_threads(max(1, int(spec["threads"])))
+    try:
+        return {**_train_run(spec, arrays), "threads": torch.get_num_threads()}
+    finally:
+        torch.set_num_threads(threads)  # the caller's count back when called in-process
+
+
+def _train_run(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]:
+    t0 = time.perf_counter()
     torch.manual_seed(spec["seed"])
     rng = np.random.default_rng(spec["seed"])
     dev = spec["device"]
@@ -181,12 +292,9 @@ def train_run(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, 
     x = np.concatenate([arrays["train_x"], arrays["syn_x"][idx]]) if len(idx) else arrays["train_x"]
     y = np.concatenate([arrays["train_y"], arrays["syn_y"][idx]]) if len(idx) else arrays["train_y"]
 
-    model = timm.create_model(spec["model"], pretrained=False, num_classes=len(classes))
-    init = {"kind": "random"}
-    if spec.get("pretrained"):
-        init = {"kind": "pretrained", **_load_pretrained(model, spec["pretrained"])}
+    model, init, prepare = _model(spec, x)
     model.to(device)
-    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"])
+    opt = torch.optim.Adam(model.parameters(), lr=spec["lr"], weight_decay=spec.get("weight_decay", 0.0))
     loss_fn = torch.nn.CrossEntropyLoss()
     bs = spec["batch_size"]
     best, best_state, best_epoch, curve = -math.inf, None, -1, []
@@ -198,19 +306,15 @@ def train_run(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, 
             sel = order[s : s + bs]
             if len(sel) < 2 and len(order) > 1:  # BatchNorm cannot train on a batch of one
                 continue
-            batch = x[sel]
-            flip = rng.random(len(sel)) < 0.5
-            batch = np.where(flip[:, None, None, None], batch[:, :, ::-1], batch)
-            xb, yb = (
-                _to_input(np.ascontiguousarray(batch), device),
-                torch.from_numpy(y[sel]).long().to(device),
-            )
+            xb, yb = prepare(x[sel], device, rng), torch.from_numpy(y[sel]).long().to(device)
             opt.zero_grad(set_to_none=True)
             loss = loss_fn(model(xb), yb)
             loss.backward()
             opt.step()
             losses.append(loss.item())
-        val = classification_metrics(arrays["val_y"], _predict(model, arrays["val_x"], device, bs), classes)
+        val = classification_metrics(
+            arrays["val_y"], _predict(model, arrays["val_x"], device, bs, prepare), classes
+        )
         score = val[spec["select_metric"]]
         score = -math.inf if score is None else score
         curve.append(
@@ -225,7 +329,9 @@ def train_run(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, 
             best_state = copy.deepcopy(model.state_dict())
     if best_state is not None:
         model.load_state_dict(best_state)
-    test = classification_metrics(arrays["test_y"], _predict(model, arrays["test_x"], device, bs), classes)
+    test = classification_metrics(
+        arrays["test_y"], _predict(model, arrays["test_x"], device, bs, prepare), classes
+    )
     return {
         "ratio": spec["ratio"],
         "seed": spec["seed"],
@@ -257,21 +363,29 @@ SCALARS = (
 
 @dataclass
 class ClassifierInputs:
+    """The real splits and the synthetic images: one list, or several named sets judged together."""
+
     train: list[ImageItem]
     val: list[ImageItem]
     test: list[ImageItem]
-    synthetic: list[ImageItem]
+    synthetic: list[ImageItem] | dict[str, list[ImageItem]]
+
+    def synthetic_sets(self) -> dict[str, list[ImageItem]]:
+        """``{name: images}``; a single list is the set named ``synthetic``."""
+        if isinstance(self.synthetic, dict):
+            return {str(k): list(v) for k, v in self.synthetic.items()}
+        return {DEFAULT_SET: list(self.synthetic)}
 
 
 def _labels(items: Sequence[ImageItem], classes: Sequence[str]) -> np.ndarray:
     return np.array([list(classes).index(it.label) for it in items], dtype=np.int64)
 
 
-def _paired(runs: list[dict], ratio: float, metric: str) -> dict[str, Any] | None:
+def _paired(base_runs: list[dict], runs: list[dict], metric: str) -> dict[str, Any] | None:
     from scipy.stats import ttest_rel
 
-    base = {r["seed"]: r["test"].get(metric) for r in runs if r["ratio"] == 0 and r["status"] == "ok"}
-    other = {r["seed"]: r["test"].get(metric) for r in runs if r["ratio"] == ratio and r["status"] == "ok"}
+    base = {r["seed"]: r["test"].get(metric) for r in base_runs if r["status"] == "ok"}
+    other = {r["seed"]: r["test"].get(metric) for r in runs if r["status"] == "ok"}
     seeds = sorted(s for s in base if s in other and base[s] is not None and other[s] is not None)
     if not seeds:
         return None
@@ -289,15 +403,22 @@ def _paired(runs: list[dict], ratio: float, metric: str) -> dict[str, Any] | Non
     return out
 
 
-def summarize(runs: list[dict], ratios: Sequence[float], classes: Sequence[str]) -> list[dict[str, Any]]:
-    """Mean +/- std over seeds per ratio, per-class recall means, and the paired difference to ratio 0."""
+def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (set, arm), in the order of ``runs``: mean +/- std over seeds, per-class recall means,
+    and (but for real only) ``vs_real_only``, the paired difference by seed to the shared real-only runs."""
+    groups: dict[tuple[str | None, str], list[dict]] = {}
+    for r in runs:
+        groups.setdefault((r["set"], r["arm"]), []).append(r)
+    base = groups.get((None, REAL_ONLY), [])
     rows = []
-    for ratio in ratios:
-        ok = [r for r in runs if r["ratio"] == ratio and r["status"] == "ok"]
+    for (name, arm), group in groups.items():
+        ok = [r for r in group if r["status"] == "ok"]
         row: dict[str, Any] = {
-            "ratio": ratio,
+            "set": name,
+            "arm": arm,
+            "ratio": group[0]["ratio"],
             "n_ok": len(ok),
-            "n_failed": sum(r["ratio"] == ratio and r["status"] != "ok" for r in runs),
+            "n_failed": len(group) - len(ok),
             "n_synthetic": sorted({r["n_train_synthetic"] for r in ok}),
         }
         for m in SCALARS:
@@ -306,8 +427,8 @@ def summarize(runs: list[dict], ratios: Sequence[float], classes: Sequence[str])
                 "mean": float(np.mean(vals)) if vals else None,
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
             }
-            if ratio != 0:
-                row.setdefault("vs_real_only", {})[m] = _paired(runs, ratio, m)
+            if arm != REAL_ONLY:
+                row.setdefault("vs_real_only", {})[m] = _paired(base, group, m)
         row["recall"] = {
             c: (
                 float(np.mean(v))
@@ -320,83 +441,147 @@ def summarize(runs: list[dict], ratios: Sequence[float], classes: Sequence[str])
     return rows
 
 
+def rows_of_set(result: dict[str, Any], name: str) -> list[dict[str, Any]]:
+    """The summary rows one synthetic set is judged by: the shared real-only row, then its own."""
+    return [r for r in result["summary"] if r["set"] in (None, name)]
+
+
+def _plan(
+    cfg: ClassifierConfig, real_counts: dict[str, int], pools: dict[str, dict[str, list[int]]]
+) -> list[tuple[dict[str, Any], list[int], dict[str, Any]]]:
+    """``(key, synthetic indices, draw notes)`` of every run: the real-only runs once (shared by every
+    set), then each set's arms. A topup arm's ratio is its effective synthetic / real-train ratio."""
+    n_real = max(1, sum(real_counts.values()))
+    plan = []
+    if cfg.protocol == "topup" or 0 in cfg.ratios:
+        for seed in cfg.seeds:
+            key = {"set": None, "arm": REAL_ONLY, "ratio": 0.0, "seed": seed}
+            plan.append((key, *synthetic_subset(real_counts, {}, 0.0, seed)))
+    arms: list[tuple[str, float | None]] = (
+        [(f"topup {cfg.topup_per_class}", None)]
+        if cfg.protocol == "topup"
+        else [(f"ratio {r:g}", r) for r in cfg.ratios if r != 0]
+    )
+    for name, pool in pools.items():
+        for arm, ratio in arms:
+            for seed in cfg.seeds:
+                index, notes = (
+                    topup_subset(real_counts, pool, cfg.topup_per_class, seed)
+                    if ratio is None
+                    else synthetic_subset(real_counts, pool, ratio, seed)
+                )
+                eff = ratio if ratio is not None else round(len(index) / n_real, 4)
+                plan.append(({"set": name, "arm": arm, "ratio": eff, "seed": seed}, index, notes))
+    return plan
+
+
+def _arrays(
+    inputs: ClassifierInputs,
+    synthetic: list[ImageItem],
+    cfg: ClassifierConfig,
+    classes: Sequence[str],
+    extractor: FeatureExtractor | None,
+) -> dict[str, np.ndarray]:
+    """``<split>_x`` / ``<split>_y`` of train, val, test and syn (every set, concatenated): images at
+    ``image_size``, or for inception-frozen their features through ``extractor``'s cache (one pass)."""
+    splits = {"train": inputs.train, "val": inputs.val, "test": inputs.test, "syn": synthetic}
+    if cfg.model == cfg.FROZEN:
+        assert extractor is not None
+        feats = extractor.features_of_sets({f"classifier {k}": v for k, v in splits.items()})
+        xs = {k: feats[f"classifier {k}"] for k in splits}
+    else:
+        xs = {k: load_images(v, cfg.image_size) for k, v in splits.items()}
+    return {
+        **{f"{k}_x": x for k, x in xs.items()},
+        **{f"{k}_y": _labels(v, classes) for k, v in splits.items()},
+    }
+
+
+# The config fields every run's spec carries.
+_SPEC_FIELDS = {"model", "pretrained", "head", "head_hidden", "epochs", "batch_size", "lr", "device"}
+_SPEC_FIELDS |= {"weight_decay", "select_metric"}
+
+
 def run_experiments(
-    inputs: ClassifierInputs, cfg: ClassifierConfig, classes: Sequence[str]
+    inputs: ClassifierInputs,
+    cfg: ClassifierConfig,
+    classes: Sequence[str],
+    extractor: FeatureExtractor | None = None,
 ) -> dict[str, Any]:
-    """Every (ratio, seed) run as a Ray task (the caller has connected to Ray); plain JSON result."""
+    """Every run of every synthetic set as a Ray task, all launched before any is awaited (the caller has
+    connected to Ray); the real-only runs once, shared by all sets. ``extractor`` (needed by
+    inception-frozen): the evaluation's feature extractor, whose cache already holds FID's features.
+    Plain JSON result; ``summary`` has a row per (set, arm) (:func:`rows_of_set`)."""
     import ray
 
     classes = list(classes)
+    sets = inputs.synthetic_sets()
     for name, items in (("train", inputs.train), ("val", inputs.val), ("test", inputs.test)):
         if not items:
             raise ValueError(f"classifier: the real {name} split is empty")
     if cfg.pretrained and not Path(cfg.pretrained).expanduser().is_file():
         raise ValueError(f"evaluate.classifier.pretrained={cfg.pretrained}: no such file")
+    if cfg.model == cfg.FROZEN and extractor is None:
+        raise ValueError(
+            f"classifier.model={cfg.FROZEN} trains on cached Inception features: pass the FeatureExtractor"
+        )
     t0 = time.perf_counter()
-    size = cfg.image_size
-    arrays = {
-        "train_x": load_images(inputs.train, size),
-        "train_y": _labels(inputs.train, classes),
-        "val_x": load_images(inputs.val, size),
-        "val_y": _labels(inputs.val, classes),
-        "test_x": load_images(inputs.test, size),
-        "test_y": _labels(inputs.test, classes),
-        "syn_x": load_images(inputs.synthetic, size),
-        "syn_y": _labels(inputs.synthetic, classes),
-    }
+    arrays = _arrays(inputs, [it for items in sets.values() for it in items], cfg, classes, extractor)
     load_s = time.perf_counter() - t0
     arrays_ref = ray.put(arrays)
     real_counts = {c: int((arrays["train_y"] == k).sum()) for k, c in enumerate(classes)}
-    syn_by_class = {c: [i for i, it in enumerate(inputs.synthetic) if it.label == c] for c in classes}
+    pools, start = {}, 0
+    for name, items in sets.items():  # indices into the concatenated syn arrays
+        pools[name] = {c: [start + i for i, it in enumerate(items) if it.label == c] for c in classes}
+        start += len(items)
 
     task = ray.remote(_task).options(
         num_cpus=cfg.num_cpus, num_gpus=cfg.num_gpus, max_retries=cfg.max_retries, retry_exceptions=True
     )
-    launched = []
-    for ratio in cfg.ratios:
-        for seed in cfg.seeds:
-            index, notes = synthetic_subset(real_counts, syn_by_class, ratio, seed)
-            spec = {
-                "model": cfg.model,
-                "pretrained": cfg.pretrained,
-                "epochs": cfg.epochs,
-                "batch_size": cfg.batch_size,
-                "lr": cfg.lr,
-                "seed": seed,
-                "ratio": ratio,
-                "classes": classes,
-                "select_metric": cfg.select_metric,
-                "device": cfg.device,
-                "threads": max(1, int(cfg.num_cpus)),
-                "syn_index": index,
-            }
-            launched.append((spec, notes, task.remote(spec, arrays_ref)))
+    common = {
+        **cfg.model_dump(include=_SPEC_FIELDS),
+        "classes": classes,
+        "threads": max(1, int(cfg.num_cpus)),
+        "features": (
+            {"extractor": extractor.stats.extractor_id, "weights": extractor.weights.source}
+            if cfg.model == cfg.FROZEN and extractor is not None
+            else None
+        ),
+    }
+    launched = [
+        (key, index, notes, task.remote({**common, **key, "syn_index": index}, arrays_ref))
+        for key, index, notes in _plan(cfg, real_counts, pools)
+    ]
     runs = []
-    for spec, notes, ref in launched:
+    for key, index, notes, ref in launched:
         try:
             res = ray.get(ref)
         except Exception as e:  # retries exhausted (or the worker died): report it, never drop it
             res = {
-                "ratio": spec["ratio"],
-                "seed": spec["seed"],
                 "status": "failed",
                 "attempts": cfg.max_retries + 1,
                 "error": f"{type(e).__name__}: {str(e)[-2000:]}",
-                "n_train_synthetic": len(spec["syn_index"]),
+                "n_train_synthetic": len(index),
             }
-        res["synthetic_draw"] = notes
-        runs.append(res)
+        runs.append({**key, **res, "synthetic_draw": notes})
     wall = time.perf_counter() - t0
     ok = [r for r in runs if r["status"] == "ok"]
     return {
         "config": cfg.model_dump(mode="json"),
+        "protocol": {
+            "name": cfg.protocol,
+            "label": PROTOCOLS[cfg.protocol].format(n=cfg.topup_per_class),
+            **({"topup_per_class": cfg.topup_per_class} if cfg.protocol == "topup" else {}),
+        },
         "classes": classes,
         "init": ok[0]["init"] if ok else None,
         "n_real": {"train": len(inputs.train), "val": len(inputs.val), "test": len(inputs.test)},
-        "n_synthetic_available": {c: len(v) for c, v in syn_by_class.items()},
+        "n_real_train_per_class": real_counts,
+        "sets": list(sets),
+        "n_synthetic_available": {n: {c: len(v) for c, v in p.items()} for n, p in pools.items()},
         "runs": runs,
         "n_failed": len(runs) - len(ok),
-        "summary": summarize(runs, cfg.ratios, classes),
+        "summary": summarize(runs, classes),
         "timing": {
             "load_s": round(load_s, 2),
             "wall_s": round(wall, 2),
@@ -410,6 +595,5 @@ def _task(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]
         return train_run(spec, arrays)
     except Exception as e:
         # Re-raise with the traceback text so the driver's report says where it broke.
-        raise RuntimeError(
-            f"run ratio={spec['ratio']} seed={spec['seed']} failed: {e}\n{traceback.format_exc(limit=5)}"
-        ) from None
+        where = f"set={spec.get('set')} arm={spec.get('arm')} ratio={spec['ratio']} seed={spec['seed']}"
+        raise RuntimeError(f"run {where} failed: {e}\n{traceback.format_exc(limit=5)}") from None

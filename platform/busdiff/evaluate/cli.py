@@ -28,10 +28,11 @@ def _fmt(r: dict[str, Any]) -> str:
         f"A: {r['a']['what']} ({r['a']['n']} images)",
         f"B: {r['b']['what']} ({r['b']['n']} images)",
         f"FID {r['fid']:.2f}"
-        + (f"  {r['ci_level']:.0%} CI [{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}]" if r["fid_ci"] else ""),
+        + (f"  {r['ci_level']:.0%} bootstrap range [{r['fid_ci'][0]:.2f}, {r['fid_ci'][1]:.2f}] (resampling "
+           "repeats images, which lifts FID: the range sits above the figure)" if r["fid_ci"] else ""),
         f"KID {r['kid']:.5f} ± {r['kid_std']:.5f} "
         f"(subset size {r['kid_subset_size']}, {r['kid_subsets']} subsets)"
-        + (f"  CI [{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}]" if r["kid_ci"] else ""),
+        + (f"  bootstrap range [{r['kid_ci'][0]:.5f}, {r['kid_ci'][1]:.5f}]" if r["kid_ci"] else ""),
         f"features: {r['features']['computed']} computed, {r['features']['cached']} cached "
         f"({r['features']['seconds']} s); weights: {r['features']['weights']}",
     ]

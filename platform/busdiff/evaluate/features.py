@@ -1,9 +1,11 @@
 """Inception features of image sets, cached by content so no image is ever embedded twice.
 
 A cached feature's key is ``(extractor id, sha256 of the image file)``: the extractor id names the weights'
-hash and the preprocessing version (:mod:`busdiff.evaluate.inception`), so features from other weights
-never mix in, and a renamed or copied file still hits the cache. The cache is one small ``.npy`` per image
-under ``<cache_dir>/features/<extractor id>/``, written atomically, so concurrent runs share it safely.
+hash, the preprocessing version (:mod:`busdiff.evaluate.inception`) and the arithmetic (device kind and
+precision: CUDA convolutions use TF32 by default and differ from the CPU's in the last bits), so features
+from other weights or hardware never mix in, and a renamed or copied file still hits the cache. The cache
+is one small ``.npy`` per image under ``<cache_dir>/features/<extractor id>/``, written atomically, so
+concurrent runs share it safely.
 
 Images of any size and mode are accepted: each is converted to 8-bit RGB the way torch-fidelity does
 (``PIL.Image.convert("RGB")``; 16-bit and float images are scaled to 8 bits first) and resized to 299 px
@@ -165,6 +167,14 @@ class FeatureStats:
         return self.n_computed / self.extract_seconds if self.n_computed and self.extract_seconds else None
 
 
+def arithmetic_id(device: str) -> str:
+    """How features are computed on ``device``: ``cpu-fp32``, ``cuda-fp32`` or ``cuda-tf32``."""
+    kind = torch.device(device).type
+    if kind == "cuda" and torch.backends.cudnn.allow_tf32:
+        return "cuda-tf32"
+    return f"{kind}-fp32"
+
+
 class FeatureExtractor:
     """Features of :class:`ImageItem` lists through the cache; misses are embedded in this process
     (``workers=0``) or as Ray tasks with the given resources (the caller has connected to Ray)."""
@@ -184,14 +194,15 @@ class FeatureExtractor:
         self.weights = weights
         self.weights_spec = weights_spec
         self.cache_root = cache_dir
-        self.cache = FeatureCache(cache_dir, weights.extractor_id)
+        extractor_id = f"{weights.extractor_id}-{arithmetic_id(device)}"
+        self.cache = FeatureCache(cache_dir, extractor_id)
         self.device = device
         self.batch_size = batch_size
         self.workers = workers
         self.num_cpus = num_cpus
         self.num_gpus = num_gpus
         self.chunk_size = chunk_size
-        self.stats = FeatureStats(extractor_id=weights.extractor_id, weights_source=weights.source)
+        self.stats = FeatureStats(extractor_id=extractor_id, weights_source=weights.source)
 
     def _compute(self, paths: list[str]) -> np.ndarray:
         if self.workers <= 0:

@@ -1,11 +1,14 @@
-"""The leakage guard: no held-out image may be one the generator (or classifier) was trained on.
+"""The leakage guard: no judged real image may be one the generator (or classifier) was trained on.
 
 The paper's public code trained its adapters on every image and then measured against the same images.
-Here every held-out real image is checked against the training pool: the ids in each adapter's
-``adapter.json`` (``trained_ids``) and the train split. A held-out image is refused when its id is in the
-pool, or when it is an exact (identical bytes) or near (perceptual-hash distance within
-``quality.near_duplicate_distance``, as in the data-quality report) duplicate of a pool image. Refused
-images are dropped and listed (``leakage: exclude``) or stop the evaluation (``leakage: error``).
+Here every judged real image (the held-out splits, and the val split the classifier selects models on) is
+checked against the training pool: the ids the adapters trained on (``trained_ids`` of each
+``evaluate.adapters`` folder, and of the corpus's own adapter as its plan.json records it) and the train
+split. A judged image is refused when its id is in the pool, or when it is an exact (identical bytes) or
+near (perceptual-hash distance within ``quality.near_duplicate_distance``, as in the data-quality report)
+duplicate of a pool image. Synthetic images refined from a judged real image (img2img at 0.3 makes
+near-copies of its source) are refused too. Refused images are dropped and listed (``leakage: exclude``)
+or stop the evaluation (``leakage: error``).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 from busdiff.config import QualityConfig
 from busdiff.data.quality import hash_image, near_pairs
 from busdiff.data.records import ImageRecord
+from busdiff.evaluate.features import ImageItem
 from busdiff.models.adapters import read_adapter_json
 
 
@@ -35,17 +39,47 @@ class LeakageResult:
         return {"n_kept": len(self.kept), "refused": self.refused, "adapters": self.adapters}
 
 
-def adapter_trained_ids(adapter_dirs: Sequence[str | Path]) -> tuple[dict[str, list[str]], list[dict]]:
-    """``{image id: [adapter dirs that trained on it]}`` and a summary per adapter (verified adapter.json)."""
-    seen: dict[str, list[str]] = {}
-    summary = []
+def adapter_trained_ids(adapter_dirs: Sequence[str | Path]) -> list[dict[str, Any]]:
+    """One entry per adapter folder (verified adapter.json): ``name``, ``base_model``, ``trained_ids``."""
+    out = []
     for d in adapter_dirs:
         meta = read_adapter_json(d)
-        ids = [str(i) for i in meta.get("trained_ids") or []]
-        for i in ids:
-            seen.setdefault(i, []).append(str(d))
-        summary.append({"dir": str(d), "base_model": meta.get("base_model"), "n_trained_ids": len(ids)})
-    return seen, summary
+        out.append({"name": f"adapter {d}", "base_model": meta.get("base_model"),
+                    "trained_ids": [str(i) for i in meta.get("trained_ids") or []]})
+    return out
+
+
+def _refuse(listed: list[dict[str, Any]], what: str, mode: str) -> None:
+    if listed and mode == "error":
+        lines = "\n".join(f"  {x['id']}: {x['kind']}: {x['reason']}" for x in listed)
+        raise LeakageError(
+            f"{len(listed)} {what}:\n{lines}\n"
+            "set evaluate.leakage=exclude to drop them (they are then listed in the report)"
+        )
+
+
+def guard_synthetic(
+    synthetic: Sequence[ImageItem], sources: dict[str, dict[str, str]], records: Sequence[ImageRecord],
+    judged_splits: Sequence[str], mode: str = "exclude",
+) -> tuple[list[ImageItem], list[dict[str, Any]]]:
+    """Synthetic images refined from a real image of ``judged_splits``: ``sources`` maps a sample id (the
+    file stem) to its source ``{"record", "sha256"}`` (plan.json); a source is matched to ``records`` by
+    content, or by id where no hash was recorded. Returns the kept images and the refused ones, listed."""
+    by_sha = {r.sha256: r for r in records if r.sha256}
+    by_id = {r.id: r for r in records}
+    refused = []
+    for it in synthetic:
+        src = sources.get(Path(it.path).stem)
+        if not src:
+            continue
+        real = by_sha.get(src.get("sha256", "")) or (None if src.get("sha256") else by_id.get(src["record"]))
+        if real is not None and real.split in judged_splits:
+            refused.append({"id": it.id, "kind": "refined from a judged image", "match": real.id,
+                            "split": real.split,
+                            "reason": f"refined from {real.id} of the {real.split} split (plan.json)"})
+    _refuse(refused, "synthetic image(s) were made from judged real images", mode)
+    gone = {x["id"] for x in refused}
+    return [it for it in synthetic if it.id not in gone], refused
 
 
 def guard_held_out(
@@ -53,22 +87,27 @@ def guard_held_out(
     records: Sequence[ImageRecord],
     *,
     train_split: str = "train",
-    adapter_dirs: Sequence[str | Path] = (),
+    adapters: Sequence[dict[str, Any]] = (),
     quality: QualityConfig | None = None,
     mode: str = "exclude",
 ) -> LeakageResult:
-    """Check ``held_out`` against the training pool (adapter trained ids + ``train_split`` of ``records``)."""
+    """Check ``held_out`` (the judged real images) against the training pool: the ``trained_ids`` of each of
+    ``adapters`` (:func:`adapter_trained_ids`, or a corpus's plan.json) + ``train_split`` of ``records``."""
     quality = quality or QualityConfig()
-    by_adapter, summary = adapter_trained_ids(adapter_dirs)
     by_id = {r.id: r for r in records}
-    for s in summary:
-        ids = [i for i, dirs in by_adapter.items() if s["dir"] in dirs]
-        s["n_unknown_ids"] = sum(i not in by_id for i in ids)
+    by_adapter: dict[str, list[str]] = {}
+    summary = []
+    for a in adapters:
+        for i in a["trained_ids"]:
+            by_adapter.setdefault(i, []).append(a["name"])
+        summary.append({"name": a["name"], "base_model": a.get("base_model"),
+                        "n_trained_ids": len(a["trained_ids"]),
+                        "n_unknown_ids": sum(i not in by_id for i in a["trained_ids"])})
 
     def why_pool(rid: str) -> str:
         parts = []
         if rid in by_adapter:
-            parts.append("trained on by adapter " + ", ".join(by_adapter[rid]))
+            parts.append("trained on by " + ", ".join(by_adapter[rid]))
         if rid in by_id and by_id[rid].split == train_split:
             parts.append(f"in the {train_split} split")
         return "; ".join(parts)
@@ -110,12 +149,7 @@ def guard_held_out(
                     "reason": f"perceptual-hash distance {dist} <= "
                     f"{quality.near_duplicate_distance} to {other} ({why_pool(other)})",
                 }
-    listed = sorted(refused.values(), key=lambda x: x["id"])
-    if listed and mode == "error":
-        lines = "\n".join(f"  {x['id']}: {x['kind']}: {x['reason']}" for x in listed)
-        raise LeakageError(
-            f"{len(listed)} held-out image(s) were seen in training:\n{lines}\n"
-            "set evaluate.leakage=exclude to drop them from the held-out set "
-            "(they are then listed in the report)"
-        )
+    split_of = {r.id: r.split for r in held_out}
+    listed = sorted(({**x, "split": split_of[x["id"]]} for x in refused.values()), key=lambda x: x["id"])
+    _refuse(listed, "judged real image(s) were seen in training", mode)
     return LeakageResult([r for r in held_out if r.id not in refused], listed, summary)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from busdiff.evaluate.classifier import SCALARS
 from busdiff.evaluate.features import ImageItem, read_rgb
+from busdiff.evaluate.prdc import METRICS, NEAREST_K
 from busdiff.viz import image_grid
 
 _CSS = """
@@ -90,38 +91,35 @@ def _thumb_pair(a: str, b: str, size: int = 128) -> Image.Image:
 
 
 def _fidelity_plot(rows: list[dict[str, Any]]) -> Any:
+    """Per class: FID and KID minus the floor with the paired interval; precision/recall/density/coverage
+    of synthetic (filled) and floor (open)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     ok = [r for r in rows if not r.get("skipped")]
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.4))
-    x = np.arange(len(ok))
-    for ax, key, title in ((axes[0], "fid", "FID (lower is closer)"), (axes[1], "kid", "KID")):
-        syn = [r["synthetic_vs_held_out"][key] for r in ok]
-        ci = [r["synthetic_vs_held_out"][f"{key}_ci"] or [v, v] for r, v in zip(ok, syn, strict=True)]
-        flo = [r["floor"][key] for r in ok]
-        rng = [r["floor"][f"{key}_range"] for r in ok]
-        ax.bar(
-            x - 0.2,
-            syn,
-            0.4,
-            label="synthetic vs held-out real",
-            yerr=np.abs(np.array([[v - c[0], c[1] - v] for v, c in zip(syn, ci, strict=True)]).T),
-            capsize=3,
-        )
-        ax.bar(
-            x + 0.2,
-            flo,
-            0.4,
-            label="real vs real floor (matched n)",
-            yerr=np.abs(np.array([[v - c[0], c[1] - v] for v, c in zip(flo, rng, strict=True)]).T),
-            capsize=3,
-        )
-        ax.set_xticks(x, [r["class"] for r in ok])
-        ax.set_title(title)
-    axes[0].legend(fontsize=8)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 0.5 * len(ok) + 2.2))
+    y = np.arange(len(ok))
+    for ax, key in ((axes[0], "fid"), (axes[1], "kid")):
+        diff = np.array([r["vs_floor"][f"{key}_diff"] for r in ok])
+        ci = np.array([r["vs_floor"][f"{key}_diff_ci"] or [d, d] for r, d in zip(ok, diff, strict=True)])
+        ax.errorbar(diff, y, xerr=np.clip([diff - ci[:, 0], ci[:, 1] - diff], 0, None), fmt="o", capsize=3)
+        ax.axvline(0, color="grey", lw=1, ls="--")
+        ax.set_yticks(y, [r["class"] for r in ok])
+        ax.invert_yaxis()
+        ax.set_title(f"{key.upper()} synthetic − floor (< 0: closer than real)", fontsize=9)
+    ax = axes[2]
+    for m, (name, colour) in enumerate(zip(METRICS, ("C0", "C1", "C2", "C3"), strict=True)):
+        yy = y + (m - 1.5) * 0.15
+        syn = [r["synthetic_vs_held_out"][name] for r in ok]
+        flo = [r["floor"][name] for r in ok]
+        ax.plot([np.nan if v is None else v for v in syn], yy, "o", color=colour, label=name)
+        ax.plot([np.nan if v is None else v for v in flo], yy, "o", mfc="none", color=colour)
+    ax.set_yticks(y, [r["class"] for r in ok])
+    ax.invert_yaxis()
+    ax.set_title("synthetic (filled) vs floor (open)", fontsize=9)
+    ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     return fig
 
@@ -167,73 +165,160 @@ def _memorization_plot(mem: dict[str, Any]) -> Any:
     return fig
 
 
+def _fidelity_intro(fidm: dict[str, Any]) -> str:
+    k = fidm.get("nearest_k", NEAREST_K)
+    return (
+        "<p>Synthetic images of each class against the held-out real images of that class. Beside each "
+        "figure, the <b>real-vs-real floor</b>: as many real <i>training</i> images as there are synthetic "
+        f"ones (mean over {fidm['floor_draws']} random draws) against the same held-out images; a generator "
+        "cannot be expected to do better than real data at the same sample size. Figures are those of the "
+        "full sets; KID's subset size follows the set sizes.</p>"
+        f"<p><b>What the intervals mean</b> ({fidm['ci_level']:.0%}, {fidm['bootstrap']} paired bootstrap "
+        "replicates). Each replicate redraws the held-out images with replacement once, the synthetic images "
+        "with replacement, and for the floor a fresh set of training images of the synthetic count, "
+        "resampled the same way; synthetic and floor are scored against that one held-out draw.</p><ul>"
+        "<li><b>FID − floor, KID − floor</b>: the interval of the difference over the replicates. The luck "
+        "of the held-out draw, and the rise that repeated images give FID, are shared by both sides and "
+        "cancel. Wholly above 0: the synthetic images are farther from the held-out images than real images "
+        "of the same number; below 0: closer (suspect copies of held-out images); containing 0: not told "
+        "apart from real data at this sample size. <b>P(synthetic better)</b>: the share of replicates "
+        "in which the synthetic figure is below the floor's.</li>"
+        "<li><b>FID range, KID range</b> (each figure alone): where the figure falls over the replicates. "
+        "Repeated images raise every replicate's FID, so FID ranges sit above the full-set figure: they show "
+        "the spread, and synthetic and floor ranges can be set side by side, but neither is an interval for "
+        "a 'true' FID, which at these sizes is dominated by its small-sample bias. KID's replicates leave "
+        "out pairs of an image with its own copy and are not shifted.</li>"
+        f"<li><b>Precision, recall, density, coverage</b> (Naeem et al. 2020; k = {k} nearest neighbours in "
+        "the same Inception features; torch-fidelity's prc uses k = 3, which gives other values): precision, "
+        "the share of synthetic images inside some held-out image's k-NN ball (realism); recall, the share "
+        "of held-out images inside some synthetic image's ball (diversity); density, about 1 when the sets "
+        "are alike and above 1 where synthetic images crowd dense real regions; coverage, the share of "
+        "held-out images whose ball holds a synthetic image. No intervals: with repeated images an image "
+        "would be its own nearest neighbour.</li></ul>"
+    )
+
+
+def _row_start(r: dict[str, Any]) -> str:
+    return f"<tr><td class=l>{_f(r['class'])}</td><td>{r['n_synthetic']}</td><td>{r['n_held_out']}</td>"
+
+
+def _skipped_row(r: dict[str, Any], span: int) -> str:
+    return f"{_row_start(r)}<td colspan={span} class='l warn'>skipped: {_f(r['skipped'])}</td></tr>"
+
+
+def _p_better(vs: dict[str, Any]) -> str:
+    p = vs.get("p_synthetic_better")
+    return "–" if not p else f"{_f(p['fid'], 3)} / {_f(p['kid'], 3)}"
+
+
+def _with_ci(
+    value: Any, ci: Sequence[float] | None, digits: int = 2, bold: bool = False, note: str = ""
+) -> str:
+    """A table cell: the figure (bold: the one to read), then its interval under it."""
+    v = f"<b>{_f(value, digits)}</b>" if bold else _f(value, digits)
+    return f"<td>{v}{note}<br><span class=note>{_ci(ci, digits)}</span></td>"
+
+
 def _fid_table(rows: list[dict[str, Any]], paper: dict[str, Any] | None) -> str:
     head = (
-        "<tr><th class=l>class</th><th>n synthetic</th><th>n held-out</th><th>FID</th><th>FID CI</th>"
-        "<th>floor FID (n matched)</th><th>floor range</th><th>KID</th><th>KID CI</th><th>floor KID</th>"
-        "<th>floor KID range</th></tr>"
+        "<tr><th class=l>class</th><th>n synthetic</th><th>n held-out</th><th>FID<br>range</th>"
+        "<th>floor FID (n)<br>range</th><th>FID − floor<br>CI</th><th>KID<br>range</th>"
+        "<th>floor KID<br>range</th><th>KID − floor<br>CI</th><th>P(synthetic better)<br>FID / KID</th></tr>"
     )
     out = [f"<table>{head}"]
     for r in rows:
         if r.get("skipped"):
-            out.append(
-                f"<tr><td class=l>{_f(r['class'])}</td><td>{r['n_synthetic']}</td><td>{r['n_held_out']}</td>"
-                f"<td colspan=8 class='l warn'>skipped: {_f(r['skipped'])}</td></tr>"
-            )
+            out.append(_skipped_row(r, 7))
+            continue
+        s, fl, vs = r["synthetic_vs_held_out"], r["floor"], r["vs_floor"]
+        n_floor = f" ({fl['n_pool_used']}" + (")" if fl["matched"] else ", pool smaller: not matched)")
+        out.append(
+            f"{_row_start(r)}{_with_ci(s['fid'], s['fid_ci'])}"
+            f"{_with_ci(fl['fid'], fl['fid_ci'], note=n_floor)}"
+            f"{_with_ci(vs['fid_diff'], vs['fid_diff_ci'], bold=True)}{_with_ci(s['kid'], s['kid_ci'], 4)}"
+            f"{_with_ci(fl['kid'], fl['kid_ci'], 4)}{_with_ci(vs['kid_diff'], vs['kid_diff_ci'], 4, True)}"
+            f"<td>{_p_better(vs)}</td></tr>"
+        )
+    out.append("</table>")
+    out.append(
+        "<table><tr><th class=l>class</th><th>n synthetic</th><th>n held-out</th>"
+        + "".join(f"<th>{m}</th><th>floor</th>" for m in METRICS)
+        + "</tr>"
+    )
+    for r in rows:
+        if r.get("skipped"):
+            out.append(_skipped_row(r, 2 * len(METRICS)))
             continue
         s, fl = r["synthetic_vs_held_out"], r["floor"]
-        n_floor = f"{fl['n_pool_used']}" + ("" if fl["matched"] else " (pool smaller)")
-        out.append(
-            f"<tr><td class=l>{_f(r['class'])}</td><td>{s['n_a']}</td><td>{s['n_b']}</td>"
-            f"<td>{_f(s['fid'])}</td>"
-            f"<td>{_ci(s['fid_ci'])}</td><td>{_f(fl['fid'])} ({n_floor})</td><td>{_ci(fl['fid_range'])}</td>"
-            f"<td>{_f(s['kid'], 4)}</td><td>{_ci(s['kid_ci'], 4)}</td><td>{_f(fl['kid'], 4)}</td>"
-            f"<td>{_ci(fl['kid_range'], 4)}</td></tr>"
-        )
+        cells = "".join(f"<td>{_f(s[m], 3)}</td><td>{_f(fl[m], 3)}</td>" for m in METRICS)
+        why = "; ".join(dict.fromkeys(x for x in (s.get("prdc_skipped"), fl.get("prdc_skipped")) if x))
+        note = f"<td class='l warn'>{_f(why)}</td>" if why else ""
+        out.append(f"{_row_start(r)}{cells}{note}</tr>")
     out.append("</table>")
     if paper:
         out.append(
             "<p><b>Paper protocol</b> (all real images vs a folder mixing real training and synthetic "
-            "images, "
-            "all classes at once: the real half inflates the similarity; shown only to set beside published "
-            f"figures): FID {_f(paper['fid'])} {_ci(paper['fid_ci'])}, KID {_f(paper['kid'], 4)} "
-            f"{_ci(paper['kid_ci'], 4)} ({paper['n_a']} real vs {paper['n_b']} mixed: "
-            f"{paper['mix']['real']} real + {paper['mix']['synthetic']} synthetic).</p>"
+            "images, all classes at once: the real half inflates the similarity; shown only to set beside "
+            f"published figures, without intervals): FID {_f(paper['fid'])}, KID {_f(paper['kid'], 4)} "
+            f"({paper['n_a']} real vs {paper['n_b']} mixed: {paper['mix']['real']} real + "
+            f"{paper['mix']['synthetic']} synthetic).</p>"
         )
     return "\n".join(out)
 
 
 def _classifier_section(clf: dict[str, Any]) -> str:
+    from busdiff.evaluate.classifier import REAL_ONLY, rows_of_set
+
     if not clf.get("enabled", True):
         return "<p class=note>Classifier experiments disabled (evaluate.classifier.enabled=false).</p>"
     cfg = clf["config"]
     init = clf.get("init") or {}
-    init_txt = (
-        f"pretrained weights from {html.escape(str(init.get('file')))} ({init.get('loaded')} tensors "
-        f"loaded, head re-initialised)"
-        if init.get("kind") == "pretrained"
-        else "<b>random initialisation</b> (no pretrained weights given: evaluate.classifier.pretrained)"
-    )
+    if init.get("kind") == "inception-frozen":
+        hidden = f" ({init.get('hidden')} hidden units)" if init.get("hidden") else ""
+        model_txt = (
+            f"a {html.escape(str(init.get('head')))} head{hidden} trained on the <b>frozen FID Inception "
+            f"network's</b> 2048-d features (ImageNet-trained, offline weights: "
+            f"{html.escape(str(init.get('weights')))}), read from the evaluation's feature cache; no flip "
+            "augmentation"
+        )
+    else:
+        init_txt = (
+            f"pretrained weights from {html.escape(str(init.get('file')))} ({init.get('loaded')} tensors "
+            f"loaded, head re-initialised)"
+            if init.get("kind") == "pretrained"
+            else "<b>random initialisation</b> (no pretrained weights given: evaluate.classifier.pretrained)"
+        )
+        model_txt = f"{html.escape(cfg['model'])} at {cfg['image_size']} px; {init_txt}"
+    protocol = clf.get("protocol") or {"label": "real train + synthetic at ratios"}
     parts = [
-        f"<p>{html.escape(cfg['model'])} at {cfg['image_size']} px, {cfg['epochs']} epoch(s), batch "
-        f"{cfg['batch_size']}, Adam lr {cfg['lr']:g}, seeds {cfg['seeds']}; {init_txt}. Model selection on "
-        f"the validation split by {cfg['select_metric']}; scores on the held-out test split "
-        f"(n={clf['n_real']['test']}).</p>"
+        f"<p>{model_txt}. {cfg['epochs']} epoch(s), batch {cfg['batch_size']}, Adam lr {cfg['lr']:g}"
+        f"{f', weight decay {wd:g}' if (wd := cfg.get('weight_decay')) else ''}, seeds "
+        f"{cfg['seeds']}. Model selection on the validation split by {cfg['select_metric']}; scores on the "
+        f"held-out test split (n={clf['n_real']['test']}).</p>",
+        f"<p>Protocol: <b>{html.escape(protocol['label'])}</b>. Every synthetic set is paired by seed with "
+        "the same real-only runs.</p>",
     ]
+    summary = clf["summary"]
+
+    def label(s: dict[str, Any]) -> str:  # the set and arm cells of a summary row
+        name, arm = html.escape(s.get("set") or "real only"), html.escape(s.get("arm") or "")
+        return f"<td class=l>{name}</td><td class=l>{arm}</td>"
+
     metrics = SCALARS
     head = "".join(f"<th>{m}</th>" for m in metrics)
-    rows = [f"<table><tr><th>ratio</th><th>synthetic n</th><th>runs ok / failed</th>{head}</tr>"]
-    for s in clf["summary"]:
+    key_head = "<th class=l>synthetic set</th><th class=l>arm</th>"
+    counts = "<th>synthetic / real</th><th>synthetic n</th><th>runs ok / failed</th>"
+    rows = [f"<table><tr>{key_head}{counts}{head}</tr>"]
+    for s in summary:
         cells = "".join(f"<td>{_f(s[m]['mean'], 3)} ± {_f(s[m]['std'], 3)}</td>" for m in metrics)
         rows.append(
-            f"<tr><td>{s['ratio']:g}</td><td>{_f(', '.join(map(str, s['n_synthetic'])))}</td>"
+            f"<tr>{label(s)}<td>{s['ratio']:g}</td><td>{_f(', '.join(map(str, s['n_synthetic'])))}</td>"
             f"<td>{s['n_ok']} / {s['n_failed']}</td>{cells}</tr>"
         )
-    rows.append("</table>")
-    parts += rows
-    paired = [f"<table><tr><th>ratio</th>{head}</tr>"]
-    for s in clf["summary"]:
-        if s["ratio"] == 0:
+    parts += [*rows, "</table>"]
+    paired = [f"<table><tr>{key_head}{head}</tr>"]
+    for s in summary:
+        if s.get("arm") == REAL_ONLY:
             continue
         cells = []
         for m in metrics:
@@ -245,41 +330,44 @@ def _classifier_section(clf: dict[str, Any]) -> str:
                 + (f", p={p['p_value']:.2f}" if p["p_value"] is not None else "")
                 + ")</td>"
             )
-        paired.append(f"<tr><td>{s['ratio']:g}</td>{''.join(cells)}</tr>")
-    paired.append("</table>")
+        paired.append(f"<tr>{label(s)}{''.join(cells)}</tr>")
     parts.append(
         "<p>Paired with real-only (same seed): mean difference, seeds better/worse, paired t-test.</p>"
     )
-    parts += paired
+    parts += [*paired, "</table>"]
     recall_head = "".join(f"<th>{html.escape(c)} recall</th>" for c in clf["classes"])
-    rec = [f"<table><tr><th>ratio</th>{recall_head}</tr>"]
-    for s in clf["summary"]:
+    rec = [f"<table><tr>{key_head}{recall_head}</tr>"]
+    for s in summary:
         rec.append(
-            f"<tr><td>{s['ratio']:g}</td>"
-            + "".join(f"<td>{_f(s['recall'][c], 3)}</td>" for c in clf["classes"])
-            + "</tr>"
+            f"<tr>{label(s)}" + "".join(f"<td>{_f(s['recall'][c], 3)}</td>" for c in clf["classes"]) + "</tr>"
         )
-    rec.append("</table>")
-    parts += rec
+    parts += [*rec, "</table>"]
+
+    def run_name(r: dict[str, Any]) -> str:
+        return html.escape(f"{r.get('set') or 'real only'} {r.get('arm', '')}, seed {r['seed']}")
+
     failed = [r for r in clf["runs"] if r["status"] != "ok"]
     if failed:
         parts.append("<p class=warn><b>Failed runs</b> (after retries):</p><ul>")
-        parts += [
-            f"<li>ratio {r['ratio']:g}, seed {r['seed']}: {html.escape(r['error'][:600])}</li>"
-            for r in failed
-        ]
+        parts += [f"<li>{run_name(r)}: {html.escape(r['error'][:600])}</li>" for r in failed]
         parts.append("</ul>")
-    shorts = sorted({s for r in clf["runs"] for s in r.get("synthetic_draw", {}).get("short", [])})
+    shorts = sorted(
+        {
+            f"{r.get('set')}, {r.get('arm')}: {s}"
+            for r in clf["runs"]
+            for s in r.get("synthetic_draw", {}).get("short", [])
+        }
+    )
     if shorts:
         parts.append(
-            "<p class=warn>Too few synthetic images for some ratios (all were used): "
+            "<p class=warn>Too few synthetic images (all of the class were used): "
             + html.escape("; ".join(shorts))
             + "</p>"
         )
-    if any(s["n_ok"] for s in clf["summary"]):
-        parts.append(
-            _fig_tag(_classifier_plot([s for s in clf["summary"] if s["n_ok"]]), "classifier scores")
-        )
+    for name in clf.get("sets") or [None]:
+        shown = [s for s in (rows_of_set(clf, name) if name else summary) if s["n_ok"]]
+        if shown:
+            parts.append(_fig_tag(_classifier_plot(shown), f"classifier scores {name or ''}"))
     return "\n".join(parts)
 
 
@@ -334,6 +422,50 @@ def _memorization_section(mem: dict[str, Any], max_shown: int) -> str:
     return "\n".join(parts)
 
 
+def _listed(items: list[dict[str, Any]]) -> list[str]:
+    return ["<ul>", *(f"<li>{html.escape(x['id'])} ({html.escape(str(x.get('split', '')))}): "
+                      f"{html.escape(x['kind'])}: {html.escape(x['reason'])}</li>" for x in items), "</ul>"]
+
+
+def _leakage_section(leak: dict[str, Any]) -> list[str]:
+    parts = ["<h2>Leakage guard</h2>"]
+    if leak["refused"]:
+        parts.append(
+            f"<p class=warn>{len(leak['refused'])} real image(s) refused as held-out or val images "
+            f"(mode {html.escape(leak['mode'])}): they were trained on, or duplicate a training image.</p>"
+        )
+        parts += _listed(leak["refused"])
+    else:
+        parts.append("<p>No held-out or val image was trained on or duplicates a training image.</p>")
+    if leak.get("synthetic_refused"):
+        parts.append(
+            f"<p class=warn>{len(leak['synthetic_refused'])} synthetic image(s) left out: they were refined "
+            "from held-out or val images (img2img keeps its source's content).</p>"
+        )
+        parts += _listed(leak["synthetic_refused"])
+    prov = leak.get("provenance")
+    if prov:
+        parts.append(
+            f"<p class=note>Corpus provenance read from {html.escape(prov['plan'])}: adapter "
+            f"{html.escape(str(prov['adapter_hash'] or 'none'))} ({prov['n_adapter_trained_ids']} trained "
+            f"ids), {prov['n_refined_from_real']} images refined from real ones.</p>"
+        )
+    else:
+        parts.append(
+            "<p class=note>The synthetic folder is not a busdiff generation sink (no plan.json beside it): "
+            "its adapter and sources are unknown; only evaluate.adapters and the train split were "
+            "checked.</p>"
+        )
+    if leak["adapters"]:
+        parts.append(
+            "<p class=note>Adapters checked: "
+            + html.escape("; ".join(f"{a['name']} ({a['n_trained_ids']} trained ids)"
+                                    for a in leak["adapters"]))
+            + "</p>"
+        )
+    return parts
+
+
 def render_html(metrics: dict[str, Any], grid: Image.Image, max_near_copies: int = 24) -> str:
     """The whole report page from ``metrics`` (metrics.json's content) and the sample grid."""
     inp, fidm, feats = metrics["inputs"], metrics["fidelity"], metrics["features"]
@@ -351,49 +483,17 @@ def render_html(metrics: dict[str, Any], grid: Image.Image, max_near_copies: int
         f"busdiff {html.escape(metrics['busdiff_version'])}, {metrics['seconds']:.0f} s.</p>",
         "<h2>Samples</h2>",
         _img_tag(grid, "sample grid: synthetic and real rows per class"),
-        "<h2>Fidelity: FID / KID per class</h2>",
-        "<p>Synthetic images of each class against the held-out real images of that class. Beside each "
-        "figure, the <b>real-vs-real floor</b>: the same number of real <i>training</i> images (drawn "
-        f"{fidm['floor_draws']} times) against the same held-out images; a generator cannot be expected "
-        "to do "
-        "better than real data at the same sample size. Intervals: "
-        f"{fidm['ci_level']:.0%} bootstrap ({fidm['bootstrap']} resamples, recentred) for synthetic figures, "
-        "range over draws for floors. KID subset size follows the set sizes.</p>",
+        "<h2>Fidelity: FID, KID, precision/recall/density/coverage per class</h2>",
+        _fidelity_intro(fidm),
         _fid_table(fidm["rows"], fidm.get("paper_protocol")),
     ]
     if any(not r.get("skipped") for r in fidm["rows"]):
-        parts.append(_fig_tag(_fidelity_plot(fidm["rows"]), "FID and KID with floors"))
+        parts.append(_fig_tag(_fidelity_plot(fidm["rows"]), "FID and KID minus their floors, precision etc."))
     parts.append(
         f"<p class=note>Features: {html.escape(feats['weights'])}; {feats['computed']} computed, "
         f"{feats['cached']} from the cache ({html.escape(str(feats['cache_dir']))}).</p>"
     )
-    parts.append("<h2>Leakage guard</h2>")
-    if leak["refused"]:
-        parts.append(
-            f"<p class=warn>{len(leak['refused'])} real image(s) refused as held-out "
-            f"(mode {html.escape(leak['mode'])}): they were trained on, or duplicate a training "
-            "image.</p><ul>"
-        )
-        parts += [
-            f"<li>{html.escape(x['id'])}: {html.escape(x['kind'])}: {html.escape(x['reason'])}</li>"
-            for x in leak["refused"]
-        ]
-        parts.append("</ul>")
-    else:
-        parts.append("<p>No held-out image was trained on or duplicates a training image.</p>")
-    if leak["adapters"]:
-        parts.append(
-            "<p class=note>Adapters checked: "
-            + html.escape(
-                "; ".join(f"{a['dir']} ({a['n_trained_ids']} trained ids)" for a in leak["adapters"])
-            )
-            + "</p>"
-        )
-    else:
-        parts.append(
-            "<p class=note>No adapter given (evaluate.adapters): held-out images were checked against "
-            "the real training split only.</p>"
-        )
+    parts += _leakage_section(leak)
     parts.append("<h2>Downstream classifier</h2>")
     parts.append(_classifier_section(metrics["classifier"]))
     parts.append("<h2>Memorization audit</h2>")

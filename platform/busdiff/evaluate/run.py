@@ -23,14 +23,12 @@ from typing import Any
 
 import numpy as np
 
-from busdiff.config import BusdiffConfig, dump_config
+from busdiff.config import BusdiffConfig, FidelityConfig, dump_config
 from busdiff.evaluate.classifier import ClassifierInputs, run_experiments
-from busdiff.evaluate.compare import device_name
-from busdiff.evaluate.features import FeatureExtractor, ImageItem, with_hashes
-from busdiff.evaluate.fidelity import FidelityError, compare, floor
-from busdiff.evaluate.inception import resolve_weights
-from busdiff.evaluate.inputs import InputError, item_of, read_synthetic, real_records, select
-from busdiff.evaluate.leakage import guard_held_out
+from busdiff.evaluate.features import ImageItem
+from busdiff.evaluate.fidelity import FidelityError, compare, fidelity_row
+from busdiff.evaluate.inputs import InputError, item_of
+from busdiff.evaluate.judged import feature_extractor, judged_inputs
 from busdiff.evaluate.memorization import audit
 from busdiff.evaluate.report import png_bytes, render_html, sample_grid
 from busdiff.provenance import package_versions
@@ -52,7 +50,9 @@ def _by_class(items: list[ImageItem]) -> dict[str, int]:
     return dict(sorted(Counter(it.label or "none" for it in items).items()))
 
 
-def _fidelity_row(label: str, syn: np.ndarray, held: np.ndarray, pool: np.ndarray, f) -> dict[str, Any]:
+def _fidelity_row(
+    label: str, syn: np.ndarray, held: np.ndarray, pool: np.ndarray, f: FidelityConfig
+) -> dict[str, Any]:
     row: dict[str, Any] = {
         "class": label,
         "n_synthetic": len(syn),
@@ -66,28 +66,22 @@ def _fidelity_row(label: str, syn: np.ndarray, held: np.ndarray, pool: np.ndarra
         row["skipped"] = f"fewer than 2 images in: {', '.join(missing)}"
         return row
     try:
-        row["synthetic_vs_held_out"] = compare(
-            syn,
-            held,
-            kid_subset=f.kid_subset_size,
-            kid_subsets=f.kid_subsets,
-            bootstrap=f.bootstrap,
-            ci=f.ci,
-            seed=f.seed,
-        )
-        row["floor"] = floor(
-            pool,
-            held,
-            len(syn),
-            draws=f.floor_draws,
-            kid_subset=f.kid_subset_size,
-            kid_subsets=f.kid_subsets,
-            ci=f.ci,
-            seed=f.seed,
+        row.update(
+            fidelity_row(
+                syn,
+                held,
+                pool,
+                nearest_k=f.nearest_k,
+                kid_subset=f.kid_subset_size,
+                kid_subsets=f.kid_subsets,
+                bootstrap=f.bootstrap,
+                floor_draws=f.floor_draws,
+                ci=f.ci,
+                seed=f.seed,
+            )
         )
     except FidelityError as e:
         row["skipped"] = str(e)
-        row.pop("synthetic_vs_held_out", None)
     return row
 
 
@@ -109,64 +103,17 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
             "evaluate.synthetic is not set: give the folder of synthetic images (<class>/<id>.png)"
         )
 
-    # 1. inputs, all checked before any expensive work
-    synthetic = with_hashes(read_synthetic(ev.synthetic, classes))
-    records = [
-        r
-        for r in real_records(cfg.data.root, cfg.data.layout, cfg.data.split, cfg.data.skip_bad)
-        if r.label in classes
-    ]
-    splits = Counter(r.split for r in records)
-    needed = [ev.train_split, *ev.held_out_splits] + ([ev.val_split] if ev.classifier.enabled else [])
-    absent = [s for s in needed if not splits.get(s)]
-    if absent:
-        raise InputError(
-            f"real data {cfg.data.root}: no images in split(s) {', '.join(absent)} "
-            f"(present: {', '.join(f'{k} {v}' for k, v in sorted(splits.items()))}); "
-            "see evaluate.train_split / val_split / held_out_splits"
-        )
-    train_recs = select(records, [ev.train_split])
-    held_recs = select(records, ev.held_out_splits)
+    # 1-2. inputs, checked before any expensive work, and the leakage guard (busdiff.evaluate.judged)
+    j = judged_inputs(cfg, {"synthetic": ev.synthetic}, ev.adapters)
+    records, train, val, held, guard = j.records, j.train, j.val, j.held, j.guard
+    synthetic, synthetic_refused = j.synthetic["synthetic"], j.synthetic_refused["synthetic"]
+    provenance = j.provenance["synthetic"]
 
-    lap("inputs")
-
-    # 2. leakage guard
-    guard = guard_held_out(
-        held_recs,
-        records,
-        train_split=ev.train_split,
-        adapter_dirs=ev.adapters,
-        quality=cfg.quality,
-        mode=ev.leakage,
-    )
-    if not guard.kept:
-        raise InputError(
-            "leakage guard: every held-out image was refused (trained on or duplicated); "
-            "nothing left to evaluate against"
-        )
-    train, held = [item_of(r) for r in train_recs], [item_of(r) for r in guard.kept]
-    val = [item_of(r) for r in select(records, [ev.val_split])]
-
-    lap("leakage")
+    lap("inputs and leakage")
 
     # 3. features (one pass; everything below reuses them)
     f = ev.fid
-    weights = resolve_weights(f.inception_weights, f.cache_dir)
-    workers = f.workers
-    if workers:
-        import ray
-
-        workers = workers if ray.is_initialized() else 0
-    ext = FeatureExtractor(
-        weights,
-        f.cache_dir,
-        f.inception_weights,
-        device_name(f.device),
-        f.batch_size,
-        workers=workers,
-        num_cpus=f.num_cpus,
-        num_gpus=f.num_gpus,
-    )
+    ext, weights, workers = feature_extractor(f)
     all_real = [item_of(r) for r in records]
     sets = {"synthetic": synthetic, "real train": train, "real held-out": held}
     if f.paper_protocol:
@@ -190,20 +137,16 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
     paper = None
     if f.paper_protocol:
         all_f = feats["paper: all real"]
-        mixed = np.concatenate([train_f, syn_f])
+        mixed = np.concatenate([all_f, syn_f])  # the authors' notebooks: all 780 real + the synthetic
+        # no interval: a flawed protocol, shown only beside published figures (its bootstrap would cost
+        # as much as all rows together)
         paper = compare(
-            all_f,
-            mixed,
-            kid_subset=f.kid_subset_size,
-            kid_subsets=f.kid_subsets,
-            bootstrap=f.bootstrap,
-            ci=f.ci,
-            seed=f.seed,
+            all_f, mixed, kid_subset=f.kid_subset_size, kid_subsets=f.kid_subsets, bootstrap=0, seed=f.seed
         )
         paper.update(
-            label="paper protocol: all real images vs real train + synthetic, all classes "
-            "(real images on both sides inflate the similarity)",
-            mix={"real": len(train), "synthetic": len(synthetic)},
+            label="paper protocol: all real images vs all real images + synthetic, all classes "
+            "(the same real images on both sides inflate the similarity)",
+            mix={"real": len(all_f), "synthetic": len(synthetic)},
         )
     fidelity = {
         "rows": rows,
@@ -211,6 +154,7 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
         "bootstrap": f.bootstrap,
         "ci_level": f.ci,
         "floor_draws": f.floor_draws,
+        "nearest_k": f.nearest_k,
         "held_out_splits": ev.held_out_splits,
         "floor_pool": ev.train_split,
     }
@@ -246,7 +190,8 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
                 "classifier experiments run as Ray tasks: connect to Ray first "
                 "(busdiff.raycluster.connect), or set evaluate.classifier.enabled=false"
             )
-        clf = run_experiments(ClassifierInputs(train, val, held, synthetic), ev.classifier, classes)
+        # inception-frozen reads the features above (and val's) through the same extractor's cache
+        clf = run_experiments(ClassifierInputs(train, val, held, synthetic), ev.classifier, classes, ext)
         clf["enabled"] = True
 
     lap("classifier")
@@ -266,8 +211,14 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
             },
             "train": {"split": ev.train_split, "n": len(train), "per_class": _by_class(train)},
             "held_out": {"splits": ev.held_out_splits, "n": len(held), "per_class": _by_class(held)},
+            "val": {"split": ev.val_split, "n": len(val), "per_class": _by_class(val)},
         },
-        "leakage": {**guard.to_dict(), "mode": ev.leakage},
+        "leakage": {
+            **guard.to_dict(),
+            "synthetic_refused": synthetic_refused,
+            "provenance": provenance.to_dict() if provenance else None,
+            "mode": ev.leakage,
+        },
         "features": {
             "extractor": s.extractor_id,
             "weights": s.weights_source,
@@ -316,20 +267,36 @@ def _json_default(o: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(o).__name__}")
 
 
+def _ci_text(ci: list[float] | None, fmt: str) -> str:
+    return f"[{ci[0]:{fmt}}, {ci[1]:{fmt}}]" if ci else "-"
+
+
+def _prdc_text(side: dict[str, Any]) -> str:
+    if side.get("precision") is None:
+        return "-"
+    return "/".join(f"{side[k]:.2f}" for k in ("precision", "recall", "density", "coverage"))
+
+
 def summary_lines(metrics: dict[str, Any]) -> list[str]:
     """A short text summary for the CLI and the job's log."""
-    lines = ["class      n_syn  n_held    FID  [CI]              floor FID     KID       floor KID"]
+    lines = [
+        "class      n_syn n_held    FID  floor  FID-floor [CI]          KID-floor [CI]               "
+        "P(syn better) FID/KID  prec/rec/dens/cov (floor)"
+    ]
     for r in metrics["fidelity"]["rows"]:
         if r.get("skipped"):
             lines.append(
-                f"{r['class']:<10} {r['n_synthetic']:>5} {r['n_held_out']:>7}  skipped: {r['skipped']}"
+                f"{r['class']:<10} {r['n_synthetic']:>5} {r['n_held_out']:>6}  skipped: {r['skipped']}"
             )
             continue
-        s, fl = r["synthetic_vs_held_out"], r["floor"]
-        ci = f"[{s['fid_ci'][0]:.1f}, {s['fid_ci'][1]:.1f}]" if s["fid_ci"] else "-"
+        s, fl, vs = r["synthetic_vs_held_out"], r["floor"], r["vs_floor"]
+        better = vs["p_synthetic_better"] or {}
+        p_text = "/".join("-" if better.get(k) is None else f"{better[k]:.2f}" for k in ("fid", "kid"))
         lines.append(
-            f"{r['class']:<10} {s['n_a']:>5} {s['n_b']:>7} {s['fid']:>6.1f}  {ci:<17} {fl['fid']:>8.1f} "
-            f"{s['kid']:>9.4f} {fl['kid']:>10.4f}"
+            f"{r['class']:<10} {s['n_a']:>5} {s['n_b']:>6} {s['fid']:>6.1f} {fl['fid']:>6.1f} "
+            f"{vs['fid_diff']:>+6.1f} {_ci_text(vs['fid_diff_ci'], '+.1f'):<16} "
+            f"{vs['kid_diff']:>+8.4f} {_ci_text(vs['kid_diff_ci'], '+.4f'):<20} {p_text:<21} "
+            f"{_prdc_text(s)} ({_prdc_text(fl)})"
         )
     p = metrics["fidelity"].get("paper_protocol")
     if p:
@@ -337,11 +304,10 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
             f"paper protocol (all real vs real+synthetic, all classes): "
             f"FID {p['fid']:.1f}, KID {p['kid']:.4f}"
         )
-    lk = metrics["leakage"]["refused"]
-    if lk:
-        lines.append(
-            f"leakage guard refused {len(lk)} held-out image(s): " + ", ".join(x["id"] for x in lk[:10])
-        )
+    for key, what in (("refused", "held-out/val image(s)"), ("synthetic_refused", "synthetic image(s)")):
+        lk = metrics["leakage"].get(key) or []
+        if lk:
+            lines.append(f"leakage guard refused {len(lk)} {what}: " + ", ".join(x["id"] for x in lk[:10]))
     mem = metrics["memorization"]
     if mem.get("enabled"):
         lines.append(
@@ -353,7 +319,7 @@ def summary_lines(metrics: dict[str, Any]) -> list[str]:
         for s in clf["summary"]:
             ba = s["balanced_accuracy"]
             lines.append(
-                f"classifier ratio {s['ratio']:g}: balanced accuracy {ba['mean'] or float('nan'):.3f}"
+                f"classifier {s['arm']}: balanced accuracy {ba['mean'] or float('nan'):.3f}"
                 f" ± {ba['std'] or 0:.3f} ({s['n_ok']} ok, {s['n_failed']} failed)"
             )
     return lines

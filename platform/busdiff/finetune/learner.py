@@ -4,7 +4,8 @@ the plain single-process loop of the benchmark run the same steps.
 
 Gradients are averaged with one ``all_reduce`` of the trainable tensors instead of wrapping the modules in
 DistributedDataParallel: the trainable part is small (LoRA, a few embedding rows), and reducing only the
-placeholder rows avoids moving the whole 49408×768 embedding gradient every step as DDP would.
+placeholder rows avoids moving the whole 49408×768 embedding gradient every step as DDP would. Like DDP,
+every rank starts from rank 0's trainable tensors (``broadcast_trainable``).
 """
 
 from __future__ import annotations
@@ -38,8 +39,8 @@ class Learner:
             num_warmup_steps=ft.lr_warmup_steps,
             num_training_steps=phase.steps,
         )
-        fp16 = model.device.type == "cuda" and model.dtype == torch.float16
-        self.scaler = torch.amp.GradScaler("cuda") if fp16 else None
+        fp16 = model.dtype == torch.float16
+        self.scaler = torch.amp.GradScaler(model.device.type) if fp16 else None
         self.max_grad_norm = ft.max_grad_norm
 
     def lrs(self) -> dict[str, float]:
@@ -75,12 +76,18 @@ class Learner:
             self.scaler.unscale_(self.optimizer)
         if self.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.max_grad_norm)
+        stepped = True
         if self.scaler:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)
             self.scaler.update()
+            # The scaler backs off exactly when it skipped the update (inf/nan gradients); the schedule
+            # then waits too, as accelerate's does.
+            stepped = self.scaler.get_scale() >= scale
         else:
             self.optimizer.step()
-        self.lr_scheduler.step()
+        if stepped:
+            self.lr_scheduler.step()
         model.restore_frozen_rows()
         return float(total)
 
@@ -96,3 +103,13 @@ class Learner:
         self.lr_scheduler.load_state_dict(state["lr_scheduler"])
         if self.scaler and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
+
+
+def broadcast_trainable(model: FinetuneModel, src: int = 0) -> None:
+    """Give every rank rank ``src``'s trainable tensors (LoRA, placeholder rows), as DDP does when it wraps
+    a model: the all-reduced gradients then update the same model on every rank."""
+    state = model.trainable_state()
+    flat = _flatten_dense_tensors(list(state.values())).to(model.device)
+    dist.broadcast(flat, src)
+    synced = _unflatten_dense_tensors(flat.cpu(), list(state.values()))
+    model.load_trainable_state(dict(zip(state, synced, strict=True)))

@@ -23,10 +23,18 @@ from safetensors.torch import load_file, save_file
 
 from busdiff.config import BusdiffConfig
 from busdiff.finetune.data import TRAIN, EpochBatches, collect_rows
-from busdiff.finetune.learner import Learner
+from busdiff.finetune.learner import Learner, broadcast_trainable
 from busdiff.finetune.model import FinetuneModel
 from busdiff.finetune.recipe import Phase, class_tokens, phases
-from busdiff.finetune.rundir import MetricsLog, join, local_staging, publish_dir, worker_info, write_json
+from busdiff.finetune.rundir import (
+    LORA_PHASE_ADAPTERS,
+    MetricsLog,
+    join,
+    local_staging,
+    publish_dir,
+    worker_info,
+    write_json,
+)
 from busdiff.finetune.validation import grid_png, validation_images
 from busdiff.storage import write_bytes
 
@@ -55,7 +63,7 @@ def adapter_extra(cfg: BusdiffConfig, model: FinetuneModel, step: int) -> dict[s
         "method": ft.method,
         "steps": step,
         "phases": [p.to_dict() for p in phases(ft)],
-        "captions": model.captions,
+        "captions": model.prompts,  # as a pipeline takes them (it expands multi-vector tokens itself)
         "class_tokens": class_tokens(ft) if model.tokens else {},
         "splits": list(ft.splits),
         "resolution": ft.resolution,
@@ -114,6 +122,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     rows = collect_rows(ray.train.get_dataset_shard(TRAIN).iter_rows())
     model = FinetuneModel(cfg, device)
+    if world > 1:
+        broadcast_trainable(model)
     plan = phases(ft)
     total = sum(p.steps for p in plan)
 
@@ -130,6 +140,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             learner_state = torch.load(Path(d) / LEARNER_FILE, map_location=device, weights_only=True)
             step = int(state["step"])
     info = worker_info(rank, world, str(device), step, [r["id"] for r in rows])
+    info["start_weights_sha256"] = weights_digest(model.trainable_state())
     write_json(join(out, "workers", f"rank-{rank}.json"), info)
     log = MetricsLog(join(out, "metrics.jsonl"), step) if rank == 0 else None
     if rank == 0:
@@ -194,13 +205,26 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     if rank == 0:
         shutil.rmtree(staging_dir(out), ignore_errors=True)
-        staging, remote = local_staging(out, "adapters")
-        model.save_adapter(staging, config["trained_ids"], adapter_extra(cfg, model, step))
-        if remote:
-            publish_dir(staging, join(out, "adapters"))
-            shutil.rmtree(staging, ignore_errors=True)
+        extra = adapter_extra(cfg, model, step)
+        _publish_adapter(model, out, "adapters", config["trained_ids"], extra)
+        if [p.name for p in plan] == ["lora", "ti"]:
+            # The LoRA is frozen while TI trains, so it is still the LoRA phase's: save it alone too,
+            # for a study's `lora` configuration (the token's place then takes the initializer word,
+            # whose embedding the token had throughout the LoRA phase).
+            lora_extra = {**extra, "phases": extra["phases"][:1], "steps": plan[0].steps, "class_tokens": {}}
+            _publish_adapter(model, out, LORA_PHASE_ADAPTERS, config["trained_ids"], lora_extra,
+                             lora_only=True)
     final = {**info, "finished": True, "weights_sha256": weights_digest(model.trainable_state())}
     write_json(join(out, "workers", f"rank-{rank}.json"), final)
+
+
+def _publish_adapter(model: FinetuneModel, out: str, name: str, trained_ids: list[str], extra: dict[str, Any],
+                     lora_only: bool = False) -> None:
+    staging, remote = local_staging(out, name)
+    model.save_adapter(staging, trained_ids, extra, lora_only=lora_only)
+    if remote:
+        publish_dir(staging, join(out, name))
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _after_step(

@@ -1,8 +1,8 @@
 """The model a worker fine-tunes: SD components with the run's LoRA and placeholder tokens added, the
 denoising loss, and the trainable state (what a checkpoint holds).
 
-Frozen weights run in the mixed-precision dtype on a GPU; trainable ones (LoRA, the text encoder when TI
-trains) stay float32, as in diffusers' training scripts.
+Frozen weights run in the mixed-precision dtype (fp16 on a GPU, bf16 on a GPU or a CPU); trainable ones
+(LoRA, the text encoder when TI trains) stay float32, as in diffusers' training scripts.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 from busdiff.config import CLASSES, BusdiffConfig
-from busdiff.finetune.recipe import Phase, captions, placeholder_tokens, uses_lora, uses_ti
+from busdiff.finetune.data import seed_of
+from busdiff.finetune.recipe import Phase, captions, class_tokens, placeholder_tokens, uses_lora, uses_ti
 from busdiff.models.adapters import add_lora, add_text_encoder_lora, add_ti_tokens, save_adapters
 from busdiff.models.presets import load_pipelines, model_id
 
@@ -29,15 +30,12 @@ _HALF = {"fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def weight_dtype(mixed_precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of frozen weights: half on a GPU when asked, float32 on a CPU (with a warning)."""
+    """The dtype of frozen weights: half when asked, except fp16 off a GPU: float32 there (with a warning),
+    as CPU fp16 kernels are slow or missing. bf16 runs on a CPU too (torch's CPU autocast supports it)."""
     if mixed_precision == "no":
         return torch.float32
-    if device.type != "cuda":
-        log.warning(
-            "finetune.mixed_precision=%s is a GPU setting: training in float32 on %s",
-            mixed_precision,
-            device.type,
-        )
+    if mixed_precision == "fp16" and device.type != "cuda":
+        log.warning("finetune.mixed_precision=fp16 is a GPU setting: training in float32 on %s", device.type)
         return torch.float32
     return _HALF[mixed_precision]
 
@@ -72,21 +70,28 @@ class FinetuneModel:
             self.vector_tokens = {t: added[i * n : (i + 1) * n] for i, t in enumerate(self.tokens)}
             self.token_ids = self.tokenizer.convert_tokens_to_ids(added)
         self.has_lora = uses_lora(ft)
-        if self.has_lora:
-            lo = ft.lora
-            add_lora(
-                self.unet, rank=lo.rank, alpha=lo.alpha, target_modules=lo.target_modules, dropout=lo.dropout
-            )
         self.te_lora = self.has_lora and ft.lora.text_encoder
-        if self.te_lora:
-            lo = ft.lora
-            add_text_encoder_lora(
-                self.text_encoder,
-                rank=lo.rank,
-                alpha=lo.alpha,
-                target_modules=lo.text_encoder_target_modules,
-                dropout=lo.dropout,
-            )
+        lo = ft.lora
+        # peft's gaussian init draws from torch's global RNG: seed it from the run's seed (and leave the
+        # caller's RNG as it was), so that the start depends on finetune.seed alone, on every rank.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed_of(ft.seed, 0))
+            if self.has_lora:
+                add_lora(
+                    self.unet,
+                    rank=lo.rank,
+                    alpha=lo.alpha,
+                    target_modules=lo.target_modules,
+                    dropout=lo.dropout,
+                )
+            if self.te_lora:
+                add_text_encoder_lora(
+                    self.text_encoder,
+                    rank=lo.rank,
+                    alpha=lo.alpha,
+                    target_modules=lo.text_encoder_target_modules,
+                    dropout=lo.dropout,
+                )
         te_trains = uses_ti(ft) or self.te_lora
 
         # nn.Module.to: diffusers' ModelMixin.to warns on every dtype cast. The text encoder trains (its
@@ -101,10 +106,11 @@ class FinetuneModel:
             if te_trains:
                 te = self.text_encoder  # transformers 5 renamed gradient_checkpointing_enable
                 (getattr(te, "activation_checkpointing_enable", None) or te.gradient_checkpointing_enable)()
-        self.unet.train(ft.lora.dropout > 0)
-        self.text_encoder.train(self.te_lora and ft.lora.dropout > 0)
+        self.train_mode()
 
-        self.captions = captions(ft, self.vector_tokens)
+        self.captions = captions(ft, self.vector_tokens)  # what training tokenizes
+        # What a pipeline is given: it expands a multi-vector token itself (TextualInversionLoaderMixin).
+        self.prompts = captions(ft)
         ids = self.tokenizer(
             [self.captions[c] for c in CLASSES],
             padding="max_length",
@@ -120,6 +126,18 @@ class FinetuneModel:
         self._original_rows = emb.detach().clone() if self.token_ids else None
         self.phase: Phase | None = None
         self._text_cache: dict[str, torch.Tensor] = {}
+
+    def train_mode(self) -> None:
+        """Dropout on only where LoRA dropout is asked for. transformers checkpoints a layer only while that
+        layer is in train mode, so with gradient checkpointing the text encoder's checkpointed layers are
+        flagged training themselves, leaving their sub-modules' dropout as it is."""
+        ft = self.cfg.finetune
+        self.unet.train(ft.lora.dropout > 0)  # diffusers checkpoints in either mode
+        self.text_encoder.train(self.te_lora and ft.lora.dropout > 0)
+        if ft.gradient_checkpointing:
+            for m in self.text_encoder.modules():
+                if getattr(m, "gradient_checkpointing", False):
+                    m.training = True
 
     # ---------------------------------------------------------------------------------- parameters
     @property
@@ -179,8 +197,8 @@ class FinetuneModel:
 
     # ---------------------------------------------------------------------------------- loss
     def autocast(self) -> contextlib.AbstractContextManager:
-        if self.device.type == "cuda" and self.dtype != torch.float32:
-            return torch.autocast("cuda", dtype=self.dtype)
+        if self.dtype != torch.float32:
+            return torch.autocast(self.device.type, dtype=self.dtype)
         return contextlib.nullcontext()
 
     def encode_text(self, labels: Sequence[str]) -> torch.Tensor:
@@ -260,14 +278,18 @@ class FinetuneModel:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    def save_adapter(self, out_dir: str | Path, trained_ids: Sequence[str], extra: dict[str, Any]) -> dict:
+    def save_adapter(self, out_dir: str | Path, trained_ids: Sequence[str], extra: dict[str, Any],
+                     lora_only: bool = False) -> dict:
+        """The adapter as it is now; ``lora_only`` leaves the TI tokens out (the LoRA phase's adapter)."""
         comps = {"unet": self.unet, "text_encoder": self.text_encoder, "tokenizer": self.tokenizer}
+        tokens = [] if lora_only else self.tokens
         return save_adapters(
             out_dir,
             comps,
             lora_unet=self.has_lora,
             lora_text_encoder=self.te_lora,
-            ti_tokens=self.tokens,
+            ti_tokens=tokens,
+            class_tokens=class_tokens(self.cfg.finetune) if tokens else None,
             base_model=model_id(self.cfg.model),
             trained_ids=trained_ids,
             extra=extra,

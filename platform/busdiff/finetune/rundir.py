@@ -6,10 +6,12 @@ checkpoints live in it beside busdiff's own files:
     inputs.json            id, class, split and sha256 of every training image
     metrics.jsonl          one line per log step (loss, lr, samples/s)
     validation/step_NNNNNN.png
-    workers/rank-R.json    pid, host, device, the step it resumed from, its shard's ids
+    workers/rank-R.json    pid, host, device, the step it resumed from, its shard's ids, the sha256 of its
+                           trainable tensors at its start and (when finished) at the end
     checkpoint_NNNNNN/     Ray Train checkpoints (adapter/, trainable.safetensors, learner.pt, state.json)
     adapters/              the final adapter (pytorch_lora_weights.safetensors, learned_embeds*.safetensors,
                            adapter.json)
+    adapters-lora/         lora-then-ti only: the LoRA phase's adapter alone (no TI token)
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ import pyarrow.fs as pafs
 
 from busdiff.config import BusdiffConfig
 from busdiff.storage import filesystem_for, write_text
+
+LORA_PHASE_ADAPTERS = "adapters-lora"
 
 
 def is_uri(path: str) -> bool:
@@ -84,13 +88,14 @@ _RESUMABLE = {
     "log_every",
     "report_every",
     "validation",
-    "scaling",
+    "scaling",  # except num_workers (fingerprint keeps it): it decides the shards and the batch
 }
 
 
 def fingerprint(cfg: BusdiffConfig) -> dict[str, Any]:
     """The config fields that decide the trained weights: a run resumes only under the same ones."""
     ft = {k: v for k, v in cfg.finetune.model_dump(mode="json").items() if k not in _RESUMABLE}
+    ft["scaling"] = {"num_workers": cfg.finetune.scaling.num_workers}
     model = cfg.model.model_dump(mode="json", exclude={"device", "dtype"})
     data = cfg.data.model_dump(mode="json")
     data["root"] = (

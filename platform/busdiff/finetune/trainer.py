@@ -22,7 +22,7 @@ from busdiff.data.records import DatasetError, ImageRecord
 from busdiff.data.splits import assign_splits
 from busdiff.finetune.data import TRAIN, RankShards, shard_bounds, training_items
 from busdiff.finetune.loop import train_loop_per_worker
-from busdiff.finetune.recipe import phases, placeholder_tokens
+from busdiff.finetune.recipe import caption_templates, class_tokens, phases, placeholder_tokens
 from busdiff.finetune.rundir import (
     fingerprint,
     fingerprint_diff,
@@ -32,7 +32,7 @@ from busdiff.finetune.rundir import (
     storage_and_name,
     write_json,
 )
-from busdiff.models.presets import ModelLoadError, build_tokenizer, model_id
+from busdiff.models.presets import ModelLoadError, build_tokenizer, model_id, resolve_miniature
 from busdiff.provenance import package_versions
 from busdiff.storage import write_text
 
@@ -86,7 +86,7 @@ def training_records(cfg: BusdiffConfig) -> list[ImageRecord]:
 
 def _tokenizer(cfg: BusdiffConfig) -> Any:
     """The base model's tokenizer: proves the base model is there, without loading its weights."""
-    m = cfg.model
+    m = resolve_miniature(cfg.model)  # miniature: its cached folder, pretrained here (once) when missing
     if m.preset == "tiny":
         return build_tokenizer()
     if m.preset == "sd15-shape":
@@ -148,6 +148,15 @@ def check_tokens(cfg: BusdiffConfig, tokenizer: Any) -> None:
     except ValueError as e:
         field_name = "finetune.ti.initializer_token" if "initializer" in str(e) else "finetune.ti.token"
         raise ConfigError(f"{field_name}: {e}") from None
+    # Added tokens also match inside words ("ormal" in "normal"): a placeholder may appear only at {token}.
+    toks = class_tokens(cfg.finetune)
+    for c, template in caption_templates(cfg.finetune).items():
+        if toks[c].lower() in template.replace("{token}", " ").lower():
+            raise ConfigError(
+                f"finetune.ti.token={toks[c]!r} occurs inside the caption of {c} ({template!r}): the "
+                f"tokenizer would split those words around it; use a token no caption word contains, e.g. "
+                f"<{toks[c]}>"
+            )
 
 
 def check_batches(cfg: BusdiffConfig, n_rows: int) -> None:

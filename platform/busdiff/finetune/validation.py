@@ -19,8 +19,8 @@ def validation_images(
 ) -> dict[str, list[np.ndarray]]:
     """``v.n_per_class`` images per class; image ``i`` of class ``c`` uses seed ``v.seed + 1000*c + i``."""
     pipe = model.pipeline()
-    was_training = model.unet.training
     model.unet.eval()
+    model.text_encoder.eval()
     out: dict[str, list[np.ndarray]] = {}
     try:
         with torch.no_grad(), model.autocast():
@@ -29,7 +29,7 @@ def validation_images(
                     torch.Generator("cpu").manual_seed(v.seed + 1000 * ci + i) for i in range(v.n_per_class)
                 ]
                 images = pipe(
-                    [model.captions[label]] * v.n_per_class,
+                    [model.prompts[label]] * v.n_per_class,
                     num_inference_steps=v.steps,
                     guidance_scale=v.guidance,
                     height=size,
@@ -39,7 +39,7 @@ def validation_images(
                 ).images
                 out[label] = [(np.clip(im, 0, 1) * 255).round().astype(np.uint8) for im in images]
     finally:
-        model.unet.train(was_training)
+        model.train_mode()
     return out
 
 

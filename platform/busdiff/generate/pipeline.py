@@ -211,8 +211,9 @@ def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult
         "recipe_hash": plan.recipe_hash,
         "recipe": plan.recipe,
         "counts": plan.counts,
-        "token": plan.token,
+        "tokens": plan.tokens,
         "adapters": g.adapters,
+        "provenance": plan.provenance(),
         "packages": package_versions(),
     }
     sink.write_if_changed("plan.json", (json.dumps(plan_json, indent=2) + "\n").encode())

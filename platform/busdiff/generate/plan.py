@@ -21,7 +21,7 @@ from typing import Any
 
 from busdiff.config import CLASSES, SEED_STRIDE, BusdiffConfig, ConfigError, GenerateConfig
 from busdiff.generate.prompts import DEFAULT_TOKEN, PROMPTS, render_prompt
-from busdiff.models.adapters import AdapterError, read_adapter_json
+from busdiff.models.adapters import AdapterError, adapter_class_tokens, read_adapter_json
 from busdiff.models.presets import model_id
 
 MODES = ("text2img", "refine")
@@ -35,7 +35,7 @@ class Plan:
     counts: dict[str, int]
     mode: str
     base_model: str
-    token: str
+    tokens: dict[str, str]  # class -> the word at {token} in its prompt
     adapter: dict[str, Any] | None = None
     adapter_hash: str = ""
     notes: list[str] = field(default_factory=list)
@@ -43,6 +43,23 @@ class Plan:
     @property
     def ids(self) -> list[str]:
         return [r["id"] for r in self.rows]
+
+    def provenance(self) -> dict[str, Any]:
+        """What evaluation's leakage guard needs to know of this corpus (plan.json "provenance"): the real
+        images the adapter trained on and, when refining, the real image each sample was made from."""
+        a, prefix = self.adapter or {}, self.recipe["name"]
+        return {
+            "adapter": None if not a else {
+                "hash": self.adapter_hash,
+                "base_model": a.get("base_model"),
+                "trained_ids": list(a.get("trained_ids") or []),
+            },
+            "sources": {
+                r["id"]: {"record": r["id"].removeprefix(f"{prefix}-"), "sha256": r["source_sha256"]}
+                for r in self.rows
+                if r["source"]
+            },
+        }
 
 
 def make_id(name: str, label: str, index: int) -> str:
@@ -100,7 +117,16 @@ def _read_adapter(g: GenerateConfig, base_model: str) -> dict[str, Any] | None:
     return meta
 
 
-def _templates(g: GenerateConfig, token: str, adapter: dict[str, Any] | None) -> dict[str, str]:
+def _class_tokens(g: GenerateConfig, adapter: dict[str, Any] | None) -> dict[str, str]:
+    if g.token:
+        return {c: g.token for c in CLASSES}
+    try:
+        return adapter_class_tokens(adapter, CLASSES, DEFAULT_TOKEN)
+    except AdapterError as e:
+        raise ConfigError(f"generate.adapters={g.adapters!r}: {e} (generate.token)") from e
+
+
+def _templates(g: GenerateConfig, tokens: dict[str, str], adapter: dict[str, Any] | None) -> dict[str, str]:
     templates = {**PROMPTS, **(g.prompts or {})}
     if adapter and adapter.get("tokens"):
         # The paper's code once loaded a TI token and never put it in the prompt: refuse that here.
@@ -108,20 +134,20 @@ def _templates(g: GenerateConfig, token: str, adapter: dict[str, Any] | None) ->
         if unused:
             raise ConfigError(
                 f"generate.prompts: the template(s) of {', '.join(unused)} have no {{token}}, so the "
-                f"adapter's textual-inversion token {token!r} would be loaded and never used"
+                f"adapter's textual-inversion token {tokens[unused[0]]!r} would be loaded and never used"
             )
     return templates
 
 
 def _source_rows(
-    cfg: BusdiffConfig, counts: dict[str, int], templates: dict[str, str], token: str
+    cfg: BusdiffConfig, counts: dict[str, int], templates: dict[str, str], tokens: dict[str, str]
 ) -> list[dict[str, Any]]:
     from busdiff.data.busi import load_dataset
     from busdiff.data.splits import assign_splits
 
     g = cfg.generate
     records = load_dataset(g.source, layout=cfg.data.layout, skip_bad=cfg.data.skip_bad).records
-    if g.source_split is not None:
+    if g.source_split != "all":
         records = [r for r in assign_splits(records, cfg.data.split) if r.split == g.source_split]
         if not records:
             raise ConfigError(f"generate.source_split={g.source_split!r}: no image of {g.source} is in it")
@@ -133,11 +159,13 @@ def _source_rows(
                 {
                     "id": f"{g.name}-{r.id}",
                     "label": label,
-                    "prompt": render_prompt(label, token, templates),
+                    "prompt": render_prompt(label, tokens[label], templates),
                     "negative_prompt": g.negative_prompt,
                     "seed": -1,
                     "refine_seed": seed_for(g.refine_seed, label, i),
                     "source": str(Path(r.image_path).resolve()),
+                    # content identity of the source, for evaluation's leakage guard (plan.json "sources")
+                    "source_sha256": r.sha256,
                 }
             )
     if not rows:
@@ -151,23 +179,23 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
     g = cfg.generate
     base_model = model_id(cfg.model)
     adapter = _read_adapter(g, base_model)
-    tokens = (adapter or {}).get("tokens") or []
-    token = g.token or (tokens[0] if tokens else DEFAULT_TOKEN)
-    templates = _templates(g, token, adapter)
+    tokens = _class_tokens(g, adapter)
+    templates = _templates(g, tokens, adapter)
     counts = class_counts(g)
     mode = "refine" if g.source is not None else "text2img"
     if mode == "refine":
-        rows = _source_rows(cfg, counts, templates, token)
+        rows = _source_rows(cfg, counts, templates, tokens)
     else:
         rows = [
             {
                 "id": make_id(g.name, label, i),
                 "label": label,
-                "prompt": render_prompt(label, token, templates),
+                "prompt": render_prompt(label, tokens[label], templates),
                 "negative_prompt": g.negative_prompt,
                 "seed": seed_for(g.seed, label, i),
                 "refine_seed": seed_for(g.refine_seed, label, i) if g.refine else -1,
                 "source": "",
+                "source_sha256": "",
             }
             for label, n in counts.items()
             for i in range(n)
@@ -179,7 +207,7 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
         "model_seed": cfg.model.seed if cfg.model.preset != "pretrained" else None,
         "dtype": cfg.model.dtype,
         "adapter_hash": adapter_hash(adapter),
-        "prompts": {c: render_prompt(c, token, templates) for c in counts},
+        "prompts": {c: render_prompt(c, tokens[c], templates) for c in counts},
         "negative_prompt": g.negative_prompt,
         "size": g.size,
         "text2img": None
@@ -212,7 +240,7 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
         counts=counts,
         mode=mode,
         base_model=base_model,
-        token=token,
+        tokens=tokens,
         adapter=adapter,
         adapter_hash=adapter_hash(adapter),
     )

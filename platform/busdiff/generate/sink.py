@@ -74,6 +74,8 @@ SCHEMA = pa.schema(
         ("packages", pa.string()),  # JSON {package: version} of the process that wrote the row
         ("text2img_seconds", pa.float64()),
         ("img2img_seconds", pa.float64()),
+        ("text2img_worker", pa.string()),  # host:pid of the actor that ran the stage ("" when none)
+        ("img2img_worker", pa.string()),
         ("written_at", pa.string()),  # UTC ISO time; the latest wins when an id was written twice
     ]
 )
@@ -129,6 +131,10 @@ class Sink:
 
     def read_metadata(self) -> pa.Table:
         """Every journal row, one per id (the latest ``written_at``), sorted by (class, id)."""
+        return _dedup(self.read_journal())
+
+    def read_journal(self) -> pa.Table:
+        """Every journal row as written, duplicates included (a batch written twice shows up twice)."""
         parts = sorted(
             f.path
             for f in self._list(PARTS)
@@ -136,10 +142,7 @@ class Sink:
         )
         if not parts:
             return SCHEMA.empty_table()
-        table = pa.concat_tables(
-            [pq.read_table(p, filesystem=self.fs).select(SCHEMA.names).cast(SCHEMA) for p in parts]
-        )
-        return _dedup(table)
+        return pa.concat_tables([_conform(pq.read_table(p, filesystem=self.fs)) for p in parts])
 
     def _decodes(self, rel: str) -> bool:
         try:
@@ -218,6 +221,15 @@ class Sink:
         return n
 
 
+def _conform(table: pa.Table) -> pa.Table:
+    """A journal part in SCHEMA; columns added since the part was written are filled with empty values."""
+    for f in SCHEMA:
+        if f.name not in table.column_names:
+            table = table.append_column(f.name, pa.nulls(table.num_rows, f.type).fill_null(
+                "" if pa.types.is_string(f.type) else 0))
+    return table.select(SCHEMA.names).cast(SCHEMA)
+
+
 def _dedup(table: pa.Table) -> pa.Table:
     if table.num_rows == 0:
         return table
@@ -280,6 +292,8 @@ def write_batch(
         "packages": [json.dumps(package_versions(), sort_keys=True)] * n,
         "text2img_seconds": [float(x) for x in batch.get("t2i_s", zeros)],
         "img2img_seconds": [float(x) for x in batch.get("img2img_s", zeros)],
+        "text2img_worker": [str(w) for w in batch.get("t2i_worker", [""] * n)],
+        "img2img_worker": [str(w) for w in batch.get("img2img_worker", [""] * n)],
         "written_at": [now] * n,
     }
     sink.write_table(Sink.part_name(ids), pa.table(columns, schema=SCHEMA))

@@ -7,13 +7,16 @@ A batch is a dict of numpy arrays: ``id``, ``label``, ``prompt``, ``negative_pro
 ``latent`` (float32 N×4×h×w, the scaled latents diffusers' img2img takes as they are when ``image`` has 4
 channels); Img2Img refines ``latent`` when present, else ``t2i``, into ``refined`` (uint8). Each stage also
 adds its seconds per image (``t2i_s`` / ``img2img_s``) and the wall-clock span of the batch
-(``t2i_t0``/``t2i_t1``, ``img2img_t0``/``img2img_t1``) for the run summary.
+(``t2i_t0``/``t2i_t1``, ``img2img_t0``/``img2img_t1``) for the run summary, and the worker that ran it
+(``t2i_worker`` / ``img2img_worker``: ``host:pid``) for each image's provenance.
 
 Every image has its own seeded CPU generator, so an image does not depend on the batch it landed in.
 """
 
 from __future__ import annotations
 
+import os
+import socket
 import time
 from typing import Any, Literal
 
@@ -184,6 +187,7 @@ def _timing(stage: str, t0: float, t1: float, n: int) -> dict[str, np.ndarray]:
         f"{stage}_s": np.full(n, (t1 - t0) / n),
         f"{stage}_t0": np.full(n, t0),
         f"{stage}_t1": np.full(n, t1),
+        f"{stage}_worker": np.full(n, f"{socket.gethostname()}:{os.getpid()}"),
     }
 
 

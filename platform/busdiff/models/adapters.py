@@ -228,11 +228,12 @@ def _component(components: Any, name: str) -> Any:
 
 def save_adapters(out_dir: str | Path, components: Any, *, lora_unet: bool, ti_tokens: Sequence[str] | None,
                   base_model: str, trained_ids: Sequence[str], extra: dict[str, Any] | None = None,
-                  lora_text_encoder: bool = False) -> dict:
+                  lora_text_encoder: bool = False, class_tokens: dict[str, str] | None = None) -> dict:
     """Write the adapter of ``components`` (a pipeline, or a mapping with ``unet``, ``text_encoder``,
     ``tokenizer``) into ``out_dir``: the UNet LoRA when ``lora_unet`` (with the text encoder's in the same
     file, as ``load_lora_weights`` reads it, when ``lora_text_encoder``), one embedding file per placeholder
-    in ``ti_tokens``, and ``adapter.json``. The directory is written beside ``out_dir`` and renamed into
+    in ``ti_tokens``, and ``adapter.json`` (with ``class_tokens``: the token each class's prompt takes). The
+    directory is written beside ``out_dir`` and renamed into
     place, so ``out_dir`` is either the previous complete adapter or the new one, never a half one (an
     existing ``out_dir`` is replaced). Returns the adapter.json content."""
     out_dir = Path(out_dir)
@@ -252,6 +253,7 @@ def save_adapters(out_dir: str | Path, components: Any, *, lora_unet: bool, ti_t
             "rank": None,
             "lora": None,
             "tokens": ti_tokens,
+            "class_tokens": dict(class_tokens or {}),
             "textual_inversion": [],
             "files": {},
             "trained_ids": [str(i) for i in trained_ids],
@@ -356,6 +358,29 @@ def read_adapter_json(adapter_dir: str | Path) -> dict:
                                f"(file {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...): "
                                f"it was modified or truncated")
     return meta
+
+
+def adapter_class_tokens(meta: dict[str, Any] | None, classes: Sequence[str],
+                         default: str) -> dict[str, str]:
+    """The word each class's prompt puts at ``{token}`` for the adapter ``meta`` (adapter.json): its
+    ``class_tokens`` map (``extra.class_tokens`` in adapters of busdiff 0.1), one shared TI token for every
+    class, or ``default`` without TI. Several tokens and no map is an AdapterError: guessing would give every
+    class the first class's token."""
+    tokens = list((meta or {}).get("tokens") or [])
+    if not tokens:
+        return {c: default for c in classes}
+    mapping = meta.get("class_tokens") or (meta.get("extra") or {}).get("class_tokens") or {}
+    if mapping:
+        missing = [c for c in classes if c not in mapping]
+        unknown = sorted(set(mapping[c] for c in classes if c in mapping) - set(tokens))
+        if missing or unknown:
+            raise AdapterError(f"adapter.json class_tokens {mapping} lacks the classes {missing} or names "
+                               f"tokens {unknown} the adapter does not have (its tokens: {tokens})")
+        return {c: mapping[c] for c in classes}
+    if len(tokens) == 1:
+        return {c: tokens[0] for c in classes}
+    raise AdapterError(f"adapter.json has {len(tokens)} tokens {tokens} and no class_tokens map saying which "
+                       "class each belongs to: re-save it with busdiff, or set the token explicitly")
 
 
 def load_adapters(pipe: Any, adapter_dir: str | Path, base_model: str | None = None) -> dict:

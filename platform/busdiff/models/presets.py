@@ -3,6 +3,8 @@
 ``tiny``        random-initialised components of the SD 1.5 classes, small enough for CPU tests (seconds).
 ``sd15-shape``  the full SD 1.5 architecture with random weights (throughput benchmarks, no download).
 ``pretrained``  ``StableDiffusionPipeline.from_pretrained(cfg.base)``: a hub id or a local diffusers folder.
+``miniature``   SD 1.5's classes at miniature size, pretrained here on phantoms (busdiff.models.miniature),
+                cached by its recipe's hash and loaded as ``pretrained`` from that folder.
 
 The text2img and img2img pipelines share one set of components, so an adapter loaded into one is
 active in the other.
@@ -28,7 +30,7 @@ from busdiff.config import ModelConfig
 
 log = logging.getLogger(__name__)
 
-PRESETS = ("tiny", "sd15-shape", "pretrained")
+PRESETS = ("tiny", "sd15-shape", "pretrained", "miniature")
 MODEL_MAX_LENGTH = 77
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 
@@ -287,10 +289,26 @@ def build_components(preset: str, seed: int = 0) -> dict[str, Any]:
 
 def model_id(cfg: ModelConfig) -> str:
     """A stable name of the base model (recorded in adapter.json and provenance): the preset name for the
-    random presets, ``cfg.base`` (trailing slash removed) for ``pretrained``."""
+    random presets, ``cfg.base`` (trailing slash removed) for ``pretrained``, ``busdiff-miniature-<recipe
+    hash16>`` for ``miniature`` (the same wherever its cache folder is)."""
     if cfg.preset == "pretrained":
         return cfg.base.rstrip("/") or cfg.base
+    if cfg.preset == "miniature":
+        from busdiff.models.miniature import miniature_id  # lazy: that module imports this one
+
+        return miniature_id(cfg.miniature)
     return cfg.preset
+
+
+def resolve_miniature(cfg: ModelConfig) -> ModelConfig:
+    """``preset: miniature`` -> the same config as ``preset: pretrained`` with ``base`` = the recipe's cached
+    pipeline folder, pretraining it first when missing (minutes, printed); other presets unchanged. For
+    loading only: name the base with ``model_id`` of the original config."""
+    if cfg.preset != "miniature":
+        return cfg
+    from busdiff.models.miniature import pretrain_miniature
+
+    return cfg.model_copy(update={"preset": "pretrained", "base": str(pretrain_miniature(cfg.miniature))})
 
 
 _HOW_TO_POINT = (
@@ -353,6 +371,7 @@ def load_pipelines(cfg: ModelConfig, device: torch.device | None = None
     ``cfg.device``) in ``cfg.dtype`` (float32 on the CPU), progress bars off."""
     device = torch.device(device) if device is not None else resolve_device(cfg.device)
     dtype = resolve_dtype(cfg.dtype, device)
+    cfg = resolve_miniature(cfg)
     if cfg.preset == "pretrained":
         txt = _load_pretrained(cfg.base, dtype)
     else:

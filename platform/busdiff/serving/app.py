@@ -6,7 +6,7 @@
 """
 
 # No `from __future__ import annotations` here: FastAPI reads the endpoints' annotations at run time,
-# and the request model is a local of build_app (limits come from the config).
+# and the request models are locals of build_app (limits come from the config).
 import asyncio
 import base64
 import hashlib
@@ -17,24 +17,29 @@ import os
 from pathlib import Path
 from typing import Annotated, Any
 
-from fastapi import FastAPI, File, Form, Request, UploadFile
+from fastapi import File, Form, HTTPException, Request, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
-from PIL import Image, UnidentifiedImageError
+from fastapi_offline import FastAPIOffline
+from PIL import Image
 from ray import serve
 from ray.serve.exceptions import BackPressureError
+from starlette.datastructures import Headers
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from busdiff import __version__
 from busdiff.config import BusdiffConfig, ConfigError, ModelConfig, ServeConfig
 from busdiff.serving.gallery import GALLERY_HTML
 from busdiff.serving.model import HybridModel, WorkItem
-from busdiff.serving.schemas import (
-    ClassName,
-    ErrorResponse,
-    GenerateResponse,
-    ModelsResponse,
-    generate_request_model,
-)
+from busdiff.serving.schemas import ErrorResponse, GenerateResponse, ModelsResponse, request_models
+from busdiff.serving.upload import UploadError, decode_upload
+
+RETRY_AFTER = {"Retry-After": "1"}  # seconds, on every 503
+JSON_BODY_LIMIT = 64 * 1024  # a generate body is well under 1 KB
+FORM_OVERHEAD = 64 * 1024  # multipart headers and the form fields beside the uploaded image
+# What a 4xx that is not about one request field is about.
+STATUS_FIELD = {400: "body", 401: "authorization", 404: "path", 405: "method", 413: "body"}
 
 
 def _png(image: Image.Image) -> bytes:
@@ -43,38 +48,38 @@ def _png(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
-def _error(status: int, message: str, field: str | None = None) -> JSONResponse:
-    return JSONResponse(status_code=status, content={"error": message, "field": field})
+def _error(
+    status: int, message: str, field: str | None = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"error": message, "field": field}, headers=headers)
 
 
 @serve.deployment
 class ModelDeployment:
-    """One set of text2img + img2img components; single-image work items batched across requests."""
+    """One set of text2img + img2img components; single-image work items (text2img + img2img, or
+    img2img of an upload) batched across requests. One batch runs at a time: a pipeline call is not
+    reentrant (see busdiff.serving.model)."""
 
     def __init__(self, model: dict[str, Any], serve_cfg: dict[str, Any]) -> None:
         cfg = ServeConfig(**serve_cfg)
         self.model = HybridModel(ModelConfig(**model), cfg)
-        self.generate_item.set_max_batch_size(cfg.max_batch_size if cfg.batching else 1)
-        self.generate_item.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s if cfg.batching else 0.0)
+        self.run.set_max_batch_size(cfg.max_batch_size if cfg.batching else 1)
+        self.run.set_batch_wait_timeout_s(cfg.batch_wait_timeout_s if cfg.batching else 0.0)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
-    async def generate_item(self, items: list[WorkItem]) -> list[dict[str, Any]]:
-        # The forward pass runs in a thread so the replica's event loop keeps answering health checks.
-        results = await asyncio.to_thread(self.model.run, items)
-        return [
-            {"text2img": _png(r.text2img), "png": _png(r.refined), "metadata": r.metadata} for r in results
-        ]
+    async def run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        # In a thread, so the replica's event loop keeps answering health checks.
+        return await asyncio.to_thread(self._run, items)
 
-    async def refine(
-        self, image_png: bytes, label: str, strength: float, steps: int, guidance: float, seed: int, size: int
-    ) -> bytes:
-        image = (
-            Image.open(io.BytesIO(image_png)).convert("RGB").resize((size, size), Image.Resampling.BICUBIC)
-        )
-        out = await asyncio.to_thread(
-            self.model.refine_images, [image], [self.model.prompt(label)], strength, steps, guidance, [seed]
-        )
-        return _png(out[0])
+    def _run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+        return [
+            {
+                "text2img": None if r.text2img is None else _png(r.text2img),
+                "png": _png(r.refined),
+                "metadata": r.metadata,
+            }
+            for r in self.model.run(items)
+        ]
 
     def describe(self) -> dict[str, Any]:
         return self.model.describe()
@@ -83,47 +88,105 @@ class ModelDeployment:
         self.model.probe()
 
 
-def _token_digest(cfg: ServeConfig) -> str | None:
-    """sha256 of the bearer token (from the env var or the file), or None when auth is off.
-    Only the digest travels to the replicas."""
-    token = os.environ.get(cfg.auth_token_env, "")
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def _token_digest(cfg: ServeConfig, http_host: str) -> str | None:
+    """sha256 of the bearer token (from the env var or the file), or None when auth is off, which is
+    refused for an ``http_host`` reachable from the network. Only the digest travels to the replicas."""
+    token = os.environ.get(cfg.auth_token_env, "").strip()
     if cfg.auth_token_file:
         path = Path(cfg.auth_token_file)
         if not path.is_file():
             raise ConfigError(f"serve.auth_token_file: {path} does not exist")
         token = path.read_text().strip()
+        if not token:
+            raise ConfigError(f"serve.auth_token_file: {path} is empty (it would turn auth off)")
     if token:
         return hashlib.sha256(token.encode()).hexdigest()
-    try:
-        loopback = ipaddress.ip_address(cfg.host).is_loopback
-    except ValueError:
-        loopback = cfg.host == "localhost"
-    if not loopback and not cfg.allow_unauthenticated_remote:
+    if not _is_loopback(http_host) and not cfg.allow_unauthenticated_remote:
         raise ConfigError(
-            f"serve.host={cfg.host!r} is reachable from the network but no auth token is set: set "
+            f"the HTTP host {http_host!r} is reachable from the network but no auth token is set: set "
             f"${cfg.auth_token_env} or serve.auth_token_file (or serve.allow_unauthenticated_remote=true)"
         )
     return None
 
 
-def build_app(cfg: BusdiffConfig) -> serve.Application:
-    """The Serve application for ``cfg``: ingress + model deployment, options from ``cfg.serve``."""
+def check_auth(cfg: ServeConfig) -> None:
+    """The auth checks of serving ``cfg.host``, for a CLI to run before it even connects to Ray."""
+    _token_digest(cfg, cfg.host)
+
+
+class _Guard:
+    """ASGI middleware that answers from the headers, before the app reads a body (FastAPI parses
+    bodies before it runs any dependency): 401 for a /v1 call without the bearer token (when
+    ``digest`` is set), 413 for a body over its path's limit, declared or counted as it streams in."""
+
+    def __init__(self, app: ASGIApp, digest: str | None, limits: dict[str, int]) -> None:
+        self.app, self.digest, self.limits = app, digest, limits
+
+    def _authorized(self, header: str) -> bool:
+        scheme, _, token = header.partition(" ")
+        digest = hashlib.sha256(token.strip().encode()).hexdigest()
+        return scheme.lower() == "bearer" and hmac.compare_digest(digest, self.digest or "")
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        path = scope["path"].removeprefix(scope.get("root_path", ""))
+        headers = Headers(scope=scope)
+        if self.digest and path.startswith("/v1/") and not self._authorized(headers.get("authorization", "")):
+            message = "missing or wrong bearer token (Authorization: Bearer <token>)"
+            return await _error(401, message, "authorization", {"WWW-Authenticate": "Bearer"})(
+                scope, receive, send
+            )
+        limit = self.limits.get(path, JSON_BODY_LIMIT)
+        too_large = f"request body over the limit of {limit} bytes"
+        if int(headers.get("content-length") or 0) > limit:
+            return await _error(413, too_large, "body")(scope, receive, send)
+        received = 0
+
+        async def counted() -> Message:  # a chunked body has no length up front
+            nonlocal received
+            message = await receive()
+            received += len(message.get("body", b""))
+            if received > limit:
+                raise HTTPException(413, too_large)  # FastAPI re-raises it to the app's handler
+            return message
+
+        await self.app(scope, counted, send)
+
+
+def build_app(cfg: BusdiffConfig, http_host: str | None = None) -> serve.Application:
+    """The Serve application for ``cfg``: ingress + model deployment, options from ``cfg.serve``.
+    ``http_host`` is where Serve's HTTP proxy listens (default ``serve.host``), for the auth check."""
     s = cfg.serve
-    token_digest = _token_digest(s)
-    GenerateRequest = generate_request_model(s)  # noqa: N806 - a class
-    api = FastAPI(
+    token_digest = _token_digest(s, http_host or s.host)
+    GenerateRequest, RefineForm = request_models(s)  # noqa: N806 - classes
+    api = FastAPIOffline(  # /docs and /redoc with their assets served from here, not a CDN
         title="busdiff",
         version=__version__,
         description="Hybrid diffusion augmentation of breast ultrasound images (text2img + img2img).",
     )
+    api.add_middleware(_Guard, digest=token_digest, limits={"/v1/refine": s.max_upload_bytes + FORM_OVERHEAD})
 
     @api.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         if first.get("type") == "json_invalid":
-            return _error(400, f"malformed JSON body: {first.get('ctx', {}).get('error', 'cannot parse')}")
-        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or None
-        return _error(422, f"{field or 'request'}: {first.get('msg', 'invalid request')}", field)
+            error = first.get("ctx", {}).get("error", "cannot parse")
+            return _error(400, f"malformed JSON body: {error}", "body")
+        field = ".".join(str(p) for p in first.get("loc", ()) if p != "body") or "body"
+        return _error(422, f"{field}: {first.get('msg', 'invalid request')}", field)
+
+    @api.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        field = STATUS_FIELD.get(exc.status_code, "request") if exc.status_code < 500 else None
+        return _error(exc.status_code, str(exc.detail), field, exc.headers)
 
     unauthorized = {401: {"model": ErrorResponse}}
     busy = {503: {"model": ErrorResponse}, 422: {"model": ErrorResponse}}
@@ -134,15 +197,15 @@ def build_app(cfg: BusdiffConfig) -> serve.Application:
         def __init__(self, model: Any) -> None:
             self.model = model
 
-        def _denied(self, request: Request) -> JSONResponse | None:
-            if token_digest is None:
-                return None
-            given = request.headers.get("authorization", "")
-            scheme, _, token = given.partition(" ")
-            digest = hashlib.sha256(token.strip().encode()).hexdigest()
-            if scheme.lower() != "bearer" or not hmac.compare_digest(digest, token_digest):
-                return _error(401, "missing or wrong bearer token (Authorization: Bearer <token>)")
-            return None
+        async def _run(self, items: list[WorkItem]) -> list[dict[str, Any]]:
+            try:
+                return await asyncio.gather(*(self.model.run.remote(it) for it in items))
+            except BackPressureError as e:
+                raise HTTPException(
+                    503,
+                    "server busy: too many queued requests, retry later",
+                    RETRY_AFTER,
+                ) from e
 
         @api.get("/", response_class=HTMLResponse, include_in_schema=False)
         async def gallery(self) -> HTMLResponse:
@@ -157,17 +220,24 @@ def build_app(cfg: BusdiffConfig) -> serve.Application:
             try:
                 await asyncio.wait_for(self.model.describe.remote(), timeout=5)
             except Exception as e:  # not ready: no replica yet, or it is failing
-                return _error(503, f"model not ready: {type(e).__name__}")
+                return _error(503, f"model not ready: {type(e).__name__}", None, RETRY_AFTER)
             return {"status": "ready"}
 
         @api.get("/v1/models", response_model=ModelsResponse, responses=unauthorized)
-        async def models(self, request: Request) -> Any:
-            if denied := self._denied(request):
-                return denied
+        async def models(self) -> Any:
             info = await self.model.describe.remote()
             limits = {
                 k: getattr(s, k)
-                for k in ("max_n", "max_steps", "max_guidance", "min_size", "max_size", "max_upload_bytes")
+                for k in (
+                    "max_n",
+                    "max_steps",
+                    "max_guidance",
+                    "min_size",
+                    "max_size",
+                    "max_request_pixels",
+                    "max_upload_bytes",
+                    "max_upload_pixels",
+                )
             }
             return {**info, "classes": list(info["prompts"]), "limits": limits}
 
@@ -179,19 +249,12 @@ def build_app(cfg: BusdiffConfig) -> serve.Application:
                 **busy,
             },
         )
-        async def generate(self, body: GenerateRequest, request: Request) -> Any:  # type: ignore[valid-type]
-            if denied := self._denied(request):
-                return denied
-            if body.format == "png" and body.n != 1:
-                return _error(422, "format png returns one image: use n=1, or format json", "format")
+        async def generate(self, body: GenerateRequest) -> Any:  # type: ignore[valid-type]
             items = [
                 WorkItem(body.label, body.seed + i, body.steps, body.guidance, body.strength, body.size)
                 for i in range(body.n)
             ]
-            try:
-                results = await asyncio.gather(*(self.model.generate_item.remote(it) for it in items))
-            except BackPressureError:
-                return _error(503, "server busy: too many queued requests, retry later")
+            results = await self._run(items)
             if body.format == "png":
                 meta = results[0]["metadata"]
                 headers = {"X-Busdiff-Seed": str(meta["seed"]), "X-Busdiff-Base-Model": meta["base_model"]}
@@ -223,32 +286,21 @@ def build_app(cfg: BusdiffConfig) -> serve.Application:
         )
         async def refine(
             self,
-            request: Request,
             image: Annotated[UploadFile, File(description="PNG or JPEG to refine")],
-            strength: Annotated[float, Form(gt=0, le=1)] = s.default_strength,
-            label: Annotated[ClassName, Form(alias="class")] = "benign",
-            seed: Annotated[int, Form(ge=0, le=2**31 - 1)] = 0,
-            steps: Annotated[int, Form(ge=1, le=s.max_steps)] = s.default_steps,
-            guidance: Annotated[float, Form(ge=0, le=s.max_guidance)] = s.default_guidance,
-            size: Annotated[int, Form(ge=s.min_size, le=s.max_size)] = s.default_size,
+            form: Annotated[RefineForm, Form()],  # type: ignore[valid-type]
         ) -> Any:
-            if denied := self._denied(request):
-                return denied
-            if size % 8:
-                return _error(422, f"size must be a multiple of 8, got {size}", "size")
             data = await image.read(s.max_upload_bytes + 1)
             if len(data) > s.max_upload_bytes:
                 return _error(413, f"upload over the limit of {s.max_upload_bytes} bytes", "image")
-            try:
-                with Image.open(io.BytesIO(data)) as im:
-                    im.verify()
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
-                return _error(415, "the upload is not an image PIL can read (PNG or JPEG expected)", "image")
-            try:
-                png = await self.model.refine.remote(data, label, strength, steps, guidance, seed, size)
-            except BackPressureError:
-                return _error(503, "server busy: too many queued requests, retry later")
-            return Response(png, media_type="image/png")
+            try:  # decoding is CPU work: off the event loop
+                picture = await asyncio.to_thread(decode_upload, data, s.max_upload_pixels, form.size)
+            except UploadError as e:
+                return _error(e.status, str(e), "image")
+            item = WorkItem(
+                form.label, form.seed, form.steps, form.guidance, form.strength, form.size, picture
+            )
+            (result,) = await self._run([item])
+            return Response(result["png"], media_type="image/png")
 
     model = ModelDeployment.options(
         ray_actor_options={"num_cpus": s.num_cpus_per_replica, "num_gpus": s.num_gpus_per_replica},
@@ -267,12 +319,19 @@ def build_app(cfg: BusdiffConfig) -> serve.Application:
 
 def app_builder(args: dict[str, Any]) -> serve.Application:
     """For ``serve run``/``serve deploy`` config files: ``args: {config: PATH, set: [KEY=VALUE, ...]}``."""
+    from ray.serve.context import _get_global_client
+
     from busdiff.config import load_config
 
-    return build_app(load_config(args.get("config"), list(args.get("set") or [])))
+    # Serve listens where the config file's http_options say (serve.host plays no part), and has bound
+    # that address before it builds the app: check auth against it, so a refusal deploys nothing.
+    http_host = _get_global_client().http_config.host
+    return build_app(load_config(args.get("config"), list(args.get("set") or [])), http_host=http_host)
 
 
 def run_serve(cfg: BusdiffConfig, blocking: bool = True) -> None:
-    """Start Serve's HTTP proxy on cfg.serve.host:port and deploy (the caller connects to Ray)."""
+    """Build the app (refusing an unauthenticated remote host), then start Serve's HTTP proxy on
+    cfg.serve.host:port and deploy (the caller connects to Ray)."""
+    app = build_app(cfg)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
-    serve.run(build_app(cfg), name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
+    serve.run(app, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix, blocking=blocking)
