@@ -61,3 +61,12 @@ def test_bad_configurations_name_the_configuration_and_field():
         _plan("study.configurations=[{name: x, adapter: lora_phase, finetune: {method: ti}}]")
     with pytest.raises(ConfigError, match="names must be distinct, repeated: a"):
         _plan("study.configurations=[{name: a}, {name: a}]")
+
+
+@pytest.mark.parametrize(
+    "name", ["local.yaml", "study-tiny.yaml", "study-mini-busi.yaml", "study-sd15-busi.yaml"]
+)
+def test_shipped_study_configs_plan_the_five_configurations(name):
+    plan = build_study_plan(load_config(REPO / "jobs" / "configs" / name))
+    assert [a.name for a in plan.arms] == ["real", "base", "lora", "lora_ti", "lora_ti_refined"]
+    assert plan.classifier is not None

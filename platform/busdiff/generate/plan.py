@@ -204,7 +204,7 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
         "name": g.name,
         "mode": mode,
         "base_model": base_model,
-        "model_seed": cfg.model.seed if cfg.model.preset != "pretrained" else None,
+        "model_seed": cfg.model.seed if cfg.model.preset in ("tiny", "sd15-shape") else None,
         "dtype": cfg.model.dtype,
         "adapter_hash": adapter_hash(adapter),
         "prompts": {c: render_prompt(c, tokens[c], templates) for c in counts},

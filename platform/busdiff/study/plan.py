@@ -69,12 +69,10 @@ class Arm:
 @dataclass
 class StudyPlan:
     out: str
+    cfg: BusdiffConfig  # the study's config with its paths made absolute
     runs: dict[str, StageRun]  # by id, in execution order
     arms: list[Arm]
     classifier: StageRun | None
-
-    def of_kind(self, kind: str) -> list[StageRun]:
-        return [r for r in self.runs.values() if r.kind == kind]
 
 
 def _override(section: BaseModel, extra: dict[str, Any], cls: type[BaseModel], where: str) -> Any:
@@ -101,6 +99,10 @@ def build_study_plan(cfg: BusdiffConfig) -> StudyPlan:
     """Every stage run of ``cfg.study``; bad overrides raise ConfigError naming the configuration."""
     st = cfg.study
     out = str(Path(st.out).expanduser().resolve())
+    # Ray workers may start elsewhere: every stage reads the miniature base from the driver's cache folder
+    mini = cfg.model.miniature
+    mini = mini.model_copy(update={"cache_dir": str(Path(mini.cache_dir).expanduser().resolve())})
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"miniature": mini})})
     runs: dict[str, StageRun] = {}
     arms: list[Arm] = []
     phantom = cfg.phantom.model_dump() if st.phantom_data else None
@@ -167,4 +169,4 @@ def build_study_plan(cfg: BusdiffConfig) -> StudyPlan:
                               arms=[a.name for a in arms], needs=[runs[arm.evaluate].id for arm in arms
                                                                    if arm.synthetic])
         runs[classifier.id] = classifier
-    return StudyPlan(out, runs, arms, classifier)
+    return StudyPlan(out, cfg, runs, arms, classifier)

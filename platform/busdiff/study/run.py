@@ -105,6 +105,11 @@ def run_study(cfg: BusdiffConfig) -> StudyResult:
         p = cfg.phantom
         if write_phantom_once(cfg.data.root, p.n_per_class, seed=p.seed, size=p.size):
             _say(f"phantom data: {p.n_per_class} per class at {p.size} px -> {cfg.data.root}")
+    if todo and cfg.model.preset == "miniature":
+        from busdiff.models.presets import resolve_miniature
+
+        # pretrained once here (cached by recipe), not by the first Ray actor while the others wait
+        _say(f"base model: miniature -> {resolve_miniature(plan.cfg.model).base}")
     ran = []
     for k, run in enumerate(todo, 1):
         _say(f"[{k}/{len(todo)}] {run.kind} {run.key} for {', '.join(run.arms)} -> {run.out}")
