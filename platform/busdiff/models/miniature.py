@@ -40,17 +40,22 @@ import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
     DDPMScheduler,
-    DPMSolverMultistepScheduler,
     StableDiffusionPipeline,
     UNet2DConditionModel,
 )
 from diffusers.optimization import get_cosine_schedule_with_warmup
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTokenizer
 
 from busdiff.config import MiniatureConfig
 from busdiff.data.phantom import CLASSES, render_phantom
-from busdiff.models.presets import SD15_SCHEDULER, SD15_TEXT, SD15_UNET, SD15_VAE, build_tokenizer
+from busdiff.models.presets import (
+    SD15_TEXT,
+    SD15_UNET,
+    SD15_VAE,
+    build_tokenizer,
+    components_from_configs,
+)
 
 __all__ = ["build_miniature", "cached_folder", "miniature_id", "pretrain_miniature", "recipe_hash"]
 
@@ -198,22 +203,7 @@ def build_miniature(cfg: MiniatureConfig | None = None) -> dict[str, Any]:
     tokenizer = build_tokenizer()
     unet_cfg, vae_cfg, text_cfg = _configs(cfg, len(tokenizer))
     with _one_thread():
-        torch.manual_seed(_seed(cfg, 0))
-        unet = UNet2DConditionModel(**unet_cfg)
-        vae = AutoencoderKL(**vae_cfg)
-        text_encoder = CLIPTextModel(CLIPTextConfig(**text_cfg))
-    for m in (unet, vae, text_encoder):
-        m.eval()
-    return {
-        "unet": unet,
-        "vae": vae,
-        "text_encoder": text_encoder,
-        "tokenizer": tokenizer,
-        "scheduler": DPMSolverMultistepScheduler(**SD15_SCHEDULER),
-        "safety_checker": None,
-        "feature_extractor": None,
-        "image_encoder": None,
-    }
+        return components_from_configs(unet_cfg, vae_cfg, text_cfg, tokenizer, _seed(cfg, 0))
 
 
 # --------------------------------------------------------------------------------------------------

@@ -269,6 +269,13 @@ def build_components(preset: str, seed: int = 0) -> dict[str, Any]:
         raise ModelLoadError(f"model.preset={preset!r} has no built-in components; allowed: tiny, sd15-shape")
     tokenizer = build_tokenizer(vocab_size)
     text_cfg = {**text_cfg, "vocab_size": len(tokenizer)}
+    return components_from_configs(unet_cfg, vae_cfg, text_cfg, tokenizer, seed)
+
+
+def components_from_configs(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any], text_cfg: dict[str, Any],
+                            tokenizer: CLIPTokenizer, seed: int) -> dict[str, Any]:
+    """SD 1.5's component classes built from these configs, initialised from ``seed``, in eval mode, with
+    SD 1.5's DPMSolver schedule: the keys of ``StableDiffusionPipeline(**components)``."""
     torch.manual_seed(seed)
     unet = UNet2DConditionModel(**unet_cfg)
     vae = AutoencoderKL(**vae_cfg)
