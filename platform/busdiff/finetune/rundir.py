@@ -96,7 +96,10 @@ def fingerprint(cfg: BusdiffConfig) -> dict[str, Any]:
     """The config fields that decide the trained weights: a run resumes only under the same ones."""
     ft = {k: v for k, v in cfg.finetune.model_dump(mode="json").items() if k not in _RESUMABLE}
     ft["scaling"] = {"num_workers": cfg.finetune.scaling.num_workers}
-    model = cfg.model.model_dump(mode="json", exclude={"device", "dtype"})
+    # where the miniature base is cached is not what it is (its recipe hash is)
+    model = cfg.model.model_dump(
+        mode="json", exclude={"device": True, "dtype": True, "miniature": {"cache_dir"}}
+    )
     data = cfg.data.model_dump(mode="json")
     data["root"] = (
         str(Path(data["root"]).expanduser().resolve()) if not is_uri(data["root"]) else data["root"]
