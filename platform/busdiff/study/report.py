@@ -22,46 +22,44 @@ def _cell(value: Any, floor: Any, digits: int = 1) -> str:
     return f"<td>{_f(value, digits)} <span class=note>({_f(floor, digits)})</span></td>"
 
 
-def _fidelity_table(rows: list[dict[str, Any]], figure: str, digits: int) -> str:
-    head = "".join(f"<th>{k}</th>" for k in KEYS)
-    out = [f"<table><tr><th class=l>configuration</th>{head}</tr>"]
+def _synthetic_table(rows: list[dict[str, Any]], columns: tuple[str, ...], cell: Any,
+                     first: str = "configuration") -> str:
+    """One row per synthetic configuration, one ``cell(row, column)`` per column."""
+    head = "".join(f"<th>{c}</th>" for c in columns)
+    out = [f"<table><tr><th class=l>{first}</th>{head}</tr>"]
     for r in rows:
-        if not r["synthetic"]:
-            continue
-        cells = "".join(_cell(r[figure].get(k), r[floor_key(figure)].get(k), digits) for k in KEYS)
-        out.append(f"<tr><td class=l>{html.escape(r['name'])}</td>{cells}</tr>")
+        if r["synthetic"]:
+            cells = "".join(cell(r, c) for c in columns)
+            out.append(f"<tr><td class=l>{html.escape(r['name'])}</td>{cells}</tr>")
     out.append("</table>")
     return "".join(out)
+
+
+def _fidelity_table(rows: list[dict[str, Any]], figure: str, digits: int) -> str:
+    return _synthetic_table(
+        rows, KEYS, lambda r, k: _cell(r[figure].get(k), r[floor_key(figure)].get(k), digits)
+    )
 
 
 def _diff_table(rows: list[dict[str, Any]], figure: str, digits: int) -> str:
     """``<figure> − floor`` per class with its paired bootstrap interval (evaluation's ``vs_floor``)."""
-    head = "".join(f"<th>{k}</th>" for k in KEYS)
-    out = [f"<table><tr><th class=l>configuration</th>{head}</tr>"]
-    for r in rows:
-        if not r["synthetic"]:
-            continue
-        cells = []
-        for k in KEYS:
-            d = (r.get("vs_floor") or {}).get(k) or {}
-            value, ci = d.get(f"{figure}_diff"), d.get(f"{figure}_diff_ci")
-            cells.append(f"<td>{_f(value, digits)} <span class=note>{_ci(ci, digits)}</span></td>")
-        out.append(f"<tr><td class=l>{html.escape(r['name'])}</td>{''.join(cells)}</tr>")
-    out.append("</table>")
-    return "".join(out)
+
+    def cell(r: dict[str, Any], k: str) -> str:
+        d = (r.get("vs_floor") or {}).get(k) or {}
+        value, ci = d.get(f"{figure}_diff"), d.get(f"{figure}_diff_ci")
+        return f"<td>{_f(value, digits)} <span class=note>{_ci(ci, digits)}</span></td>"
+
+    return _synthetic_table(rows, KEYS, cell)
 
 
 def _coverage_table(rows: list[dict[str, Any]]) -> str:
     """Precision, recall, density, coverage of all classes together, each beside its floor."""
-    figures = ("precision", "recall", "density", "coverage")
-    head = "".join(f"<th>{k}</th>" for k in figures)
-    out = [f"<table><tr><th class=l>configuration (all classes)</th>{head}</tr>"]
-    for r in rows:
-        if r["synthetic"]:
-            cells = "".join(_cell(r[k].get("all"), r[floor_key(k)].get("all"), 3) for k in figures)
-            out.append(f"<tr><td class=l>{html.escape(r['name'])}</td>{cells}</tr>")
-    out.append("</table>")
-    return "".join(out)
+    return _synthetic_table(
+        rows,
+        ("precision", "recall", "density", "coverage"),
+        lambda r, k: _cell(r[k].get("all"), r[floor_key(k)].get("all"), 3),
+        first="configuration (all classes)",
+    )
 
 
 def _mean_std(m: dict[str, Any] | None) -> str:
