@@ -5,8 +5,10 @@ Every error names the field (dotted path) and what is allowed, before any Ray wo
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -663,14 +665,123 @@ class BusdiffConfig(_Strict):
     study: StudyConfig = StudyConfig()
 
 
-def _format_errors(err: ValidationError, source: str) -> str:
-    lines = [f"invalid config ({source}):"]
+#: What a value must be, by pydantic's error type, in busdiff's words.
+_KINDS = {
+    "int_type": "an integer",
+    "int_parsing": "an integer",
+    "int_from_float": "an integer",
+    "float_type": "a number",
+    "float_parsing": "a number",
+    "bool_type": "true or false",
+    "bool_parsing": "true or false",
+    "string_type": "a string",
+    "dict_type": "a mapping",
+    "list_type": "a list",
+    "tuple_type": "a list [MIN,MAX]",
+}
+
+
+def _section(loc: tuple[Any, ...], model: type[BaseModel] | None = None) -> type[BaseModel] | None:
+    """The model class that ``loc`` (a path of field names and list indices in ``model``, default the
+    whole config) names, if any."""
+    model = model or BusdiffConfig
+    for part in loc:
+        if isinstance(part, int):
+            continue  # an item of a list of sections (study.configurations)
+        field = model.model_fields.get(part) if model is not None else None
+        if field is None:
+            return None
+        ann = field.annotation
+        models = [a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel)]
+        model = models[0] if models else None
+    return model
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    return "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in loc).lstrip(".") or "<root>"
+
+
+def _field_loc(loc: tuple[Any, ...], model: type[BaseModel]) -> tuple[Any, ...]:
+    """``loc`` without pydantic's union-member tags (``generate.count.int`` -> ``generate.count``)."""
+    for n in range(len(loc), 0, -1):
+        parent = _section(loc[: n - 1], model)
+        last = loc[n - 1]
+        if isinstance(last, int) or (parent is not None and last in parent.model_fields):
+            return loc[:n]
+    return loc
+
+
+def _did_you_mean(word: str, choices: list[str]) -> str:
+    close = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _allowed(e: dict[str, Any]) -> list[str]:
+    """The choices of a ``Literal`` field from pydantic's error (``"'a', 'b' or 'c'"``)."""
+    return re.findall(r"'([^']*)'", e.get("ctx", {}).get("expected", ""))
+
+
+def _problem(e: dict[str, Any], field: str, model: type[BaseModel]) -> str:
+    kind, msg = e["type"], e["msg"]
+    if kind == "missing":
+        return "required"
+    if kind == "literal_error":
+        return f"must be one of {', '.join(_allowed(e))}"
+    if kind == "model_type":
+        example = next(iter((_section(e["loc"], model) or model).model_fields))
+        return f"is a section of fields (e.g. {field}.{example}), not a value"
+    if kind in _KINDS:
+        return f"must be {_KINDS[kind]}"
+    for prefix in ("Value error, ", "Assertion failed, "):
+        msg = msg.removeprefix(prefix)
+    return msg.replace("Input should be", "must be")
+
+
+def _set_hint(field: str, errs: list[dict[str, Any]]) -> str:
+    """How to write the list or mapping ``field`` wants with ``--set`` (YAML flow syntax)."""
+    kinds = {e["type"] for e in errs}
+    if "[" in field or not kinds & {"list_type", "tuple_type", "dict_type"}:  # --set cannot address items
+        return ""
+    got = errs[0].get("input")
+    if "list_type" in kinds:
+        items = got.strip("[]() ") if isinstance(got, str) else got
+        return f"; on the command line: --set {field}=[{items}] (no spaces)"
+    if "tuple_type" in kinds:
+        return f"; on the command line: --set {field}=[1,4] (no spaces)"
+    return f"; on the command line: --set '{field}={{benign: VALUE, malignant: VALUE}}' (quoted)"
+
+
+def describe_errors(
+    err: ValidationError, model: type[BaseModel] | None = None, names: dict[str, str] | None = None
+) -> list[str]:
+    """One line per wrong field of ``model`` (default: the whole config), in busdiff's words, not
+    pydantic's: the dotted field (or ``names[field]``, e.g. a command-line flag), what it must be, what it
+    got, the nearest allowed name or choice, and how to write a list with ``--set``."""
+    model, names = model or BusdiffConfig, names or {}
+    lines = []
+    by_field: dict[str, list[dict[str, Any]]] = {}
     for e in err.errors():
-        field = ".".join(str(p) for p in e["loc"]) or "<root>"
-        got = e.get("input")
-        got_txt = "" if isinstance(got, dict) else f" (got {got!r})"
-        lines.append(f"  {field}: {e['msg']}{got_txt}")
-    return "\n".join(lines)
+        if e["type"] == "extra_forbidden":
+            section = _section(e["loc"][:-1], model)
+            known = list(section.model_fields) if section else []
+            hint = _did_you_mean(str(e["loc"][-1]), known) or "; `busdiff config` prints every field"
+            lines.append(f"unknown field {_dotted(e['loc'])}{hint}")
+            continue
+        by_field.setdefault(_dotted(_field_loc(e["loc"], model)), []).append(e)
+    for field, errs in by_field.items():
+        problems = list(dict.fromkeys(_problem(e, field, model) for e in errs))
+        got = errs[0].get("input")
+        text = " or ".join(p.removeprefix("must be ") if i else p for i, p in enumerate(problems))
+        got_txt = "" if isinstance(got, dict) or errs[0]["type"] == "missing" else f" (got {got!r})"
+        literal = next((e for e in errs if e["type"] == "literal_error"), None)
+        suggestion = _did_you_mean(str(got), _allowed(literal)) if literal else ""
+        hint = "" if field in names else _set_hint(field, errs)
+        lines.append(f"{names.get(field, field)}: {text}{got_txt}{suggestion}{hint}")
+    return lines
+
+
+def _format_errors(err: ValidationError, source: str) -> str:
+    return "\n  ".join([f"invalid config ({source}):", *describe_errors(err)])
 
 
 def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
@@ -685,7 +796,8 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
 
 
 def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
-    """``["model.preset=tiny", "generate.steps=8"]`` -> nested dict; values are parsed as YAML scalars."""
+    """``["model.preset=tiny", "generate.steps=8"]`` -> nested dict. Values are YAML: ``8``, ``null``, lists
+    ``[0,1,2]``, mappings ``{benign: 3}`` (a space after the colon: quote that ``--set`` argument)."""
     tree: dict[str, Any] = {}
     for item in overrides or []:
         key, sep, raw = item.partition("=")
@@ -709,12 +821,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None:
         p = Path(path)
         source = str(p)
+        if p.is_dir():
+            raise ConfigError(f"config file {p} is a folder; give a YAML file, e.g. jobs/configs/local.yaml")
         if not p.is_file():
             raise ConfigError(f"config file {p} does not exist")
         try:
             tree = yaml.safe_load(p.read_text()) or {}
         except yaml.YAMLError as e:
             raise ConfigError(f"config file {p} is not valid YAML: {e}") from e
+        except UnicodeDecodeError:
+            raise ConfigError(f"config file {p} is not UTF-8 text: give a YAML file") from None
         if not isinstance(tree, dict):
             raise ConfigError(f"config file {p}: the top level must be a mapping of sections")
     if overrides:
@@ -724,6 +840,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         return BusdiffConfig.model_validate(tree)
     except ValidationError as e:
         raise ConfigError(_format_errors(e, source)) from None
+
+
+def check_model_base(cfg: BusdiffConfig) -> None:
+    """``model.preset: pretrained`` with ``model.base`` a path (absolute, ``~``, ``./``, ``../``) that does
+    not exist is refused here, in the driver, before anything heavy: a path is never a hub id."""
+    base = cfg.model.base
+    if cfg.model.preset != "pretrained" or not base.startswith(("/", "~", "./", "../")):
+        return
+    path = Path(base).expanduser()
+    if not path.exists():
+        raise ConfigError(
+            f"model.base={base}: the folder {path} does not exist (a path, not a hub id): give a local "
+            "diffusers folder (with model_index.json) or a hub id such as "
+            "stable-diffusion-v1-5/stable-diffusion-v1-5"
+        )
 
 
 def dump_config(cfg: BaseModel) -> str:

@@ -3,9 +3,99 @@
 from __future__ import annotations
 
 import os
-from typing import Any
+import re
+import subprocess
+import sys
+from typing import TYPE_CHECKING, Any
 
-from busdiff.config import RayConfig
+if TYPE_CHECKING:  # a worker imports this module for know_own_cluster: keep that light
+    from busdiff.config import RayConfig
+
+#: Ray 2.60 turns token authentication on for a head started on a machine with ~/.ray/auth_token (any
+#: local ray.init() writes one); a client without RAY_AUTH_MODE=token then fails with a long traceback.
+AUTH_HINT = (
+    "the Ray cluster requires token authentication and this process has no token: set "
+    "RAY_AUTH_MODE=token (the token is read from ~/.ray/auth_token, or RAY_AUTH_TOKEN) for `ray start "
+    "--head`, `ray job submit` and busdiff alike (README: \"`ray job submit` on this machine\")"
+)
+
+
+class ClusterError(ValueError):
+    """Ray could not be joined for a reason the user can fix; the message says how."""
+
+
+def _auth_failure(e: BaseException) -> bool:
+    """Whether ``e`` or an exception it came from is Ray's AuthenticationError."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if type(seen).__name__ == "AuthenticationError" or "InvalidAuthToken" in str(seen):
+            return True
+        seen = seen.__cause__ or seen.__context__
+    return False
+
+
+#: Lines Ray prints on runs where nothing is wrong; connect() drops them from this process's stderr.
+#: Ray core logs one for every restartable actor whose constructor takes an object-store reference
+#: ("If the arguments in the object store go out of scope or are lost, the actor restart will fail",
+#: ray-project/ray#53727). Ray Data's actor pools (MapWorker, e.g. generation's Text2Img and Img2Img) and Ray
+#: Train's PreemptionWatcher pass such references on every run and hold them as long as the actors live,
+#: so their restarts do work (ray-project/ray#57733): a false alarm for these classes. The same line about
+#: any other actor still shows. No Ray setting hides just this line: it is the C++ core's ERROR log, written
+#: to fd 2; RAY_BACKEND_LOG_LEVEL=fatal would hide every C++ error of every Ray process, and
+#: RAY_LOG_TO_STDERR=0 leaves it (tried, Ray 2.60).
+RAY_NOISE = re.compile(
+    r"core_worker\.cc:\d+: Actor with class name: '(MapWorker\(.*\)|PreemptionWatcher)' and ID: '\w+' "
+    r"has constructor arguments in the object store and max_restarts > 0"
+)
+
+#: The filter process of _drop_from_stderr: stdin to stdout, dropping the lines that match argv[1]. A
+#: partial line is held until its newline, or passed on after 0.2 s without more (a progress bar).
+_FILTER = """
+import re, select, sys
+noise, out, buf = re.compile(sys.argv[1].encode()), sys.stdout.buffer, b""
+while True:
+    if buf and not select.select([0], [], [], 0.2)[0]:
+        out.write(buf); out.flush(); buf = b""
+    chunk = sys.stdin.buffer.raw.read(1 << 16)
+    if not chunk:
+        break
+    *lines, buf = (buf + chunk).split(b"\\n")
+    out.write(b"".join(line + b"\\n" for line in lines if not noise.search(line))); out.flush()
+out.write(buf); out.flush()
+"""
+_filtering = False
+
+
+def _drop_from_stderr(noise: re.Pattern[str]) -> None:
+    """Route this process's stderr (fd 2: Python's, and the log lines of Ray's C++ core, which no logging
+    filter sees) through a filter process that drops the lines ``noise`` matches and passes the rest on as
+    they come. A process, not a thread, so nothing is lost when this one dies abruptly (the filter drains
+    the pipe to its end); in a session of its own, so Ctrl-C stops only this process. Ray's own processes,
+    started before, keep the original stderr. BUSDIFF_RAY_NOISE=show turns it off."""
+    global _filtering
+    if _filtering or os.environ.get("BUSDIFF_RAY_NOISE") == "show":
+        return
+    sys.stderr.flush()
+    read, write = os.pipe()
+    command = [sys.executable, "-c", _FILTER, noise.pattern]
+    subprocess.Popen(command, stdin=read, stdout=2, start_new_session=True)
+    os.close(read)
+    os.dup2(write, 2)
+    os.close(write)
+    _filtering = True
+
+
+def know_own_cluster() -> None:
+    """Every worker's setup hook (connect passes it): RAY_ADDRESS names the worker's own cluster.
+
+    Ray Train's PlacementGroupCleaner (a detached actor) asks the state API about the training controller
+    with no address; without RAY_ADDRESS that guesses from the Ray processes on the host, and where several
+    clusters run on one machine (an embedded local one beside a `ray start` head, or other users') it
+    fails ("Found multiple active Ray instances", a traceback) and stops watching, so a crashed run's
+    placement group would not be removed."""
+    import ray
+
+    os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
 
 
 def connect(cfg: RayConfig) -> dict[str, Any]:
@@ -20,7 +110,11 @@ def connect(cfg: RayConfig) -> dict[str, Any]:
     if ray.is_initialized():
         return ray.cluster_resources()
     joining = cfg.address is not None or bool(os.environ.get("RAY_ADDRESS"))
-    kwargs: dict[str, Any] = {"address": cfg.address, "log_to_driver": True}
+    kwargs: dict[str, Any] = {
+        "address": cfg.address,
+        "log_to_driver": True,
+        "runtime_env": {"worker_process_setup_hook": f"{__name__}.know_own_cluster"},
+    }
     if not joining:
         kwargs.update(
             num_cpus=cfg.num_cpus,
@@ -28,5 +122,11 @@ def connect(cfg: RayConfig) -> dict[str, Any]:
             object_store_memory=cfg.object_store_memory,
             include_dashboard=cfg.include_dashboard,
         )
-    ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    try:
+        ray.init(**{k: v for k, v in kwargs.items() if v is not None})
+    except Exception as e:
+        if _auth_failure(e):
+            raise ClusterError(AUTH_HINT) from None
+        raise
+    _drop_from_stderr(RAY_NOISE)
     return ray.cluster_resources()

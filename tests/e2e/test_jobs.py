@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 
 from busdiff.data.phantom import write_phantom
+from tests.e2e.harness import BIN, REPO
 
 
 def test_data_check_job(ray_head, tmp_path):
@@ -38,3 +40,30 @@ def test_data_check_job_bad_input_fails_with_message(ray_head, tmp_path):
     )
     assert r.returncode != 0
     assert str(tmp_path / "nowhere") in r.stdout + r.stderr
+
+
+def test_a_relative_output_path_is_refused_under_a_job_naming_the_field(ray_head):
+    """The job runs in a temporary copy of --working-dir: a relative generate.out would vanish with it."""
+    r = ray_head.submit("python", "jobs/generate.py", "jobs/configs/generate-tiny.yaml",
+                        "--set", "generate.out=runs/generate-tiny", check=False)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert "generate.out='runs/generate-tiny' is a relative path" in out and "temporary copy" in out
+    assert "Traceback" not in out
+
+
+def test_a_driver_without_the_clusters_token_setting_is_told_what_to_set(ray_head, tmp_path):
+    """Ray 2.60's token auth: a client without RAY_AUTH_MODE=token gets one line saying what to set, not
+    Ray's traceback."""
+    env = {k: v for k, v in ray_head.env.items() if k not in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN")}
+    env["RAY_ADDRESS"] = f"127.0.0.1:{ray_head.port}"
+    env["RAY_gcs_server_port_wait_time_s"] = "3"  # Ray retries the refused connection for 30 s by default
+    r = subprocess.run(
+        [str(BIN / "busdiff"), "generate", "jobs/configs/generate-tiny.yaml", "--set",
+         f"generate.out={tmp_path}/gen"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 2, r.stderr[-3000:]
+    assert "requires token authentication" in r.stderr and "RAY_AUTH_MODE=token" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not (tmp_path / "gen").exists()

@@ -6,6 +6,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from busdiff.cli import main
 from busdiff.config import ConfigError, load_config
 from busdiff.data.phantom import write_phantom
 from busdiff.finetune.data import RankShards, training_items
@@ -28,32 +31,33 @@ from busdiff.models.presets import build_components
 STEPS = 30
 
 
+def _sets(root: Path, out: Path, *sets: str) -> list[str]:
+    return [
+        f"data.root={root}",
+        "model.preset=tiny",
+        "model.device=cpu",
+        f"finetune.out={out}",
+        "finetune.method=lora+ti",
+        f"finetune.lora.steps={STEPS}",
+        "finetune.lora.batch_size=2",
+        "finetune.lora.lr=1e-2",
+        "finetune.ti.lr=1e-2",
+        "finetune.resolution=32",
+        "finetune.mixed_precision=no",
+        "finetune.checkpoint_every=10",
+        "finetune.log_every=5",
+        "finetune.report_every=5",
+        "finetune.validation.every=10",
+        "finetune.validation.n_per_class=1",
+        "finetune.validation.steps=2",
+        "finetune.scaling.num_workers=2",
+        "finetune.scaling.cpus_per_worker=1",
+        *sets,
+    ]
+
+
 def _config(root: Path, out: Path, *sets: str):
-    return load_config(
-        None,
-        [
-            f"data.root={root}",
-            "model.preset=tiny",
-            "model.device=cpu",
-            f"finetune.out={out}",
-            "finetune.method=lora+ti",
-            f"finetune.lora.steps={STEPS}",
-            "finetune.lora.batch_size=2",
-            "finetune.lora.lr=1e-2",
-            "finetune.ti.lr=1e-2",
-            "finetune.resolution=32",
-            "finetune.mixed_precision=no",
-            "finetune.checkpoint_every=10",
-            "finetune.log_every=5",
-            "finetune.report_every=5",
-            "finetune.validation.every=10",
-            "finetune.validation.n_per_class=1",
-            "finetune.validation.steps=2",
-            "finetune.scaling.num_workers=2",
-            "finetune.scaling.cpus_per_worker=1",
-            *sets,
-        ],
-    )
+    return load_config(None, _sets(root, out, *sets))
 
 
 @pytest.fixture(scope="module")
@@ -184,6 +188,26 @@ def test_killed_worker_resumes_from_its_checkpoint_to_the_same_weights(reference
     ]
     torch.testing.assert_close(emb[0], emb[1], atol=1e-6, rtol=0)
     assert res.steps == STEPS
+
+
+def test_cli_rerun_of_a_finished_run_answers_from_the_run_directory(reference, phantom, capsys):
+    """`busdiff finetune` of a finished run (issue 10, item 10): answered from run.json before the data is
+    read or Ray started, every file left as it is; another recipe is still refused, naming the field."""
+    _, ref = reference
+    out = Path(ref.out)
+    files = {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+    args = [a for s in _sets(phantom, out) for a in ("--set", s)]
+    r = subprocess.run(
+        [str(Path(sys.executable).parent / "busdiff"), "finetune", *args],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already finished" in r.stdout and "connected to Ray" not in r.stdout
+    assert json.loads(r.stdout[r.stdout.index("{"):])["steps"] == STEPS
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
+    assert main(["finetune", *args, "--set", "finetune.lora.rank=2"]) == 2
+    assert "finetune.lora.rank" in capsys.readouterr().err
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()} == files
 
 
 def test_rerun_resumes_from_the_latest_checkpoint_and_refuses_another_config(reference, phantom):

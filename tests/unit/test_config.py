@@ -41,7 +41,7 @@ def test_unknown_choice_names_field_and_allowed_values():
     with pytest.raises(ConfigError) as e:
         load_config(None, ["model.preset=huge"])
     msg = str(e.value)
-    assert "model.preset" in msg and "'tiny'" in msg and "'sd15-shape'" in msg and "huge" in msg
+    assert "model.preset: must be one of tiny, sd15-shape, pretrained, miniature (got 'huge')" in msg
 
 
 def test_unknown_field_is_refused():

@@ -61,9 +61,9 @@ def test_total_is_split_by_ratios_with_largest_remainders():
         ("generate.size=60", ["generate.size", "multiple of 8", "got 60"]),
         ("generate.count=0", ["generate.count", "must be >= 1", "got 0"]),
         ("generate.count={benign: -1}", ["generate.count", "count of benign is -1"]),
-        ("generate.scheduler=Fancy", ["generate.scheduler", "'DDIM'", "'EulerAncestral'"]),
+        ("generate.scheduler=Fancy", ["generate.scheduler", "DDIM", "EulerAncestral"]),
         ("generate.text2img.actors=[3, 1]", ["generate.text2img.actors", "min <= max"]),
-        ("generate.handoff=pixels", ["generate.handoff", "'latent'"]),
+        ("generate.handoff=pixels", ["generate.handoff", "image, latent"]),
     ],
 )
 def test_bad_input_names_the_field(override, names):

@@ -153,19 +153,30 @@ def test_render_bad_arguments() -> None:
         render_phantom("benign", np.random.default_rng(0), size=32)
 
 
-def test_failed_write_leaves_no_partial_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    real_replace = phantom.os.replace
+def test_failed_write_leaves_the_folder_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real_render = phantom.render_phantom
     calls = []
 
-    def flaky_replace(src, dst):
-        calls.append(dst)
+    def flaky_render(*args, **kwargs):
+        calls.append(1)
         if len(calls) == 2:
             raise OSError("disk full")
-        real_replace(src, dst)
+        return real_render(*args, **kwargs)
 
-    monkeypatch.setattr(phantom.os, "replace", flaky_replace)
+    out = tmp_path / "out"
+    write_phantom(out, 1, seed=1, size=64)
+    before = _files(out)
+    monkeypatch.setattr(phantom, "render_phantom", flaky_render)
     with pytest.raises(OSError, match="disk full"):
-        write_phantom(tmp_path, 1, size=64)
-    assert [p.name for p in tmp_path.rglob("*") if p.is_file()] == ["benign (1).png"]
-    with Image.open(tmp_path / "benign" / "benign (1).png") as im:
-        im.load()  # the one file that made it is complete
+        write_phantom(out, 1, size=64, overwrite=True)
+    assert _files(out) == before  # the earlier data, untouched
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no partial folder beside it
+
+
+def test_a_folder_holding_data_is_refused_unless_overwrite(tmp_path: Path) -> None:
+    write_phantom(tmp_path, 1, seed=1, size=64)
+    with pytest.raises(ValueError, match="not empty"):
+        write_phantom(tmp_path, 2, seed=1, size=64)
+    assert len(_files(tmp_path)) == 6
+    write_phantom(tmp_path, 2, seed=1, size=96, overwrite=True)
+    assert len(_files(tmp_path)) == 12

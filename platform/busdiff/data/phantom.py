@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -286,23 +288,33 @@ def render_phantom(label: str, rng: np.random.Generator, size: int = 256) -> tup
     return (np.round(img * 255.0)).astype(np.uint8), mask.astype(np.uint8) * 255
 
 
-def _save_atomic(im: Image.Image, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        im.save(tmp, format="PNG")
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+PHANTOM_STAMP = ".busdiff-phantom.json"
+
+#: The files write_phantom writes: ``<class>/<class> (N).png`` and ``<class>/<class> (N)_mask.png``.
+_PHANTOM_FILE = re.compile(r"^(?P<cls>[a-z]+) \(\d+\)(?:_mask)?\.png$")
 
 
-def write_phantom(out: str | Path, n_per_class: int, seed: int = 0, size: int = 256) -> list[Path]:
-    """Write ``n_per_class`` phantoms per class in the Kaggle BUSI layout under ``out``.
+def _not_phantom(root: Path) -> list[Path]:
+    """Files under ``root`` that write_phantom (or write_phantom_once's stamp) did not write."""
+    def ours(p: Path) -> bool:
+        m = _PHANTOM_FILE.match(p.name)
+        in_class = p.parent.parent == root and p.parent.name in CLASSES
+        return (in_class and m is not None and m["cls"] == p.parent.name) or p == root / PHANTOM_STAMP
+
+    return sorted(p for p in root.rglob("*") if not p.is_dir() and not ours(p))
+
+
+def write_phantom(
+    out: str | Path, n_per_class: int, seed: int = 0, size: int = 256, overwrite: bool = False
+) -> list[Path]:
+    """Write ``n_per_class`` phantoms per class in the Kaggle BUSI layout into the folder ``out``.
 
     Files: ``OUT/<class>/<class> (N).png`` (RGB) and ``OUT/<class>/<class> (N)_mask.png`` (mode ``L``,
     0/255), N = 1..n_per_class. Image N of a class uses ``default_rng([seed, class_index, N])``, so it does
-    not depend on ``n_per_class``; the same arguments give byte-identical files. Each file is written to a
-    temporary name beside it and renamed into place. Returns the image paths (class order, then N).
+    not depend on ``n_per_class``; the same arguments give byte-identical files. ``out`` must be new or
+    empty; ``overwrite`` replaces phantom data there (a folder holding other files is always refused).
+    Everything is written into a folder beside ``out`` and renamed into place at the end, so an
+    interrupted or failed run leaves ``out`` as it was. Returns the image paths (class order, then N).
     """
     if isinstance(n_per_class, bool) or not isinstance(n_per_class, (int, np.integer)) or n_per_class < 1:
         raise ValueError(f"n_per_class must be an integer >= 1, got {n_per_class!r}")
@@ -311,20 +323,45 @@ def write_phantom(out: str | Path, n_per_class: int, seed: int = 0, size: int = 
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or seed < 0:
         raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
     root = Path(out)
+    if root.exists() and not root.is_dir():
+        raise ValueError(f"{root} is a file, not a folder: phantom data goes into a folder")
+    held = sorted(p for p in root.rglob("*") if not p.is_dir()) if root.is_dir() else []
+    if held and not overwrite:
+        raise ValueError(
+            f"{root} is not empty ({len(held)} files, e.g. {held[0].relative_to(root)}): choose a new or "
+            "empty folder, or replace its phantom data with busdiff data phantom --overwrite"
+        )
+    foreign = _not_phantom(root) if held else []
+    if foreign:
+        raise ValueError(
+            f"{root} holds files that are not phantom data (e.g. {foreign[0].relative_to(root)}), which "
+            "--overwrite never deletes: choose a new or empty folder"
+        )
+    full = root.resolve()
+    full.parent.mkdir(parents=True, exist_ok=True)
+    tmp, old = (full.with_name(f".{full.name}.{what}-{os.getpid()}") for what in ("partial", "replaced"))
+    shutil.rmtree(tmp, ignore_errors=True)
     paths: list[Path] = []
-    for ci, label in enumerate(CLASSES):
-        d = root / label
-        d.mkdir(parents=True, exist_ok=True)
-        for i in range(1, int(n_per_class) + 1):
-            img, mask = render_phantom(label, np.random.default_rng([int(seed), ci, i]), int(size))
-            p = d / f"{label} ({i}).png"
-            _save_atomic(Image.fromarray(img).convert("RGB"), p)
-            _save_atomic(Image.fromarray(mask), d / f"{label} ({i})_mask.png")
-            paths.append(p)
+    try:
+        for ci, label in enumerate(CLASSES):
+            (tmp / label).mkdir(parents=True)
+            for i in range(1, int(n_per_class) + 1):
+                img, mask = render_phantom(label, np.random.default_rng([int(seed), ci, i]), int(size))
+                Image.fromarray(img).convert("RGB").save(tmp / label / f"{label} ({i}).png", format="PNG")
+                Image.fromarray(mask).save(tmp / label / f"{label} ({i})_mask.png", format="PNG")
+                paths.append(root / label / f"{label} ({i}).png")
+        if full.exists():  # empty, or phantom data being replaced
+            os.rename(full, old)
+        try:
+            os.rename(tmp, full)
+        except BaseException:
+            if old.exists():
+                os.rename(old, full)
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return paths
-
-
-PHANTOM_STAMP = ".busdiff-phantom.json"
 
 
 def write_phantom_once(out: str | Path, n_per_class: int, seed: int = 0, size: int = 256) -> bool:

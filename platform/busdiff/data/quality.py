@@ -270,9 +270,38 @@ def check_dataset(
     return report
 
 
+def _split_line(split: dict[str, Any]) -> str:
+    """Where the split of the counts and leaks comes from (``run_data_check``'s ``report["split"]``)."""
+    if split["source"] == "data":
+        return "split: the data's own"
+    if split["source"] == "assigned":
+        return (
+            "split: none in the data; shown as fine-tuning, generation and evaluation assign it (data.split: "
+            f"train {split['train']:g} / val {split['val']:g} / test {split['test']:g}, seed {split['seed']})"
+        )
+    return f"split: none shown, and the other stages refuse this data: {split['problem']}"
+
+
+def _sizes_line(dist: dict[str, Any]) -> str:
+    """``image sizes: ...`` from :func:`_size_distribution`: the one size, or ranges, medians and the most
+    common sizes."""
+    common = dist["common_sizes"]
+    if not common:
+        return "image sizes: none readable"
+    if dist["n_distinct"] == 1:
+        return f"image sizes: all {common[0]['width']}x{common[0]['height']}"
+    w, h = dist["width"], dist["height"]
+    top = ", ".join(f"{c['width']}x{c['height']} ({c['count']})" for c in common[:3])
+    return (
+        f"image sizes: {dist['n_distinct']} distinct, width {w['min']}-{w['max']} (median {w['median']}), "
+        f"height {h['min']}-{h['max']} (median {h['median']}); most common {top}"
+    )
+
+
 def format_report(report: dict[str, Any], max_leaks: int = 30) -> str:
-    """A compact text summary: counts table, summary lines, leaks one a line (exact ones and those
-    across classes first, at most ``max_leaks``: the JSON has them all), bad files."""
+    """A compact text summary: counts table, where the split comes from, summary lines with the image sizes,
+    leaks one a line (exact ones and those across classes first, at most ``max_leaks``: the JSON has them
+    all), bad files."""
     counts: dict[str, dict[str, int]] = report["counts"]
     present = {s for per in counts.values() for s in per}
     splits = [s for s in SPLIT_ORDER if s in present] + sorted(present - set(SPLIT_ORDER))
@@ -285,7 +314,11 @@ def format_report(report: dict[str, Any], max_leaks: int = 30) -> str:
     totals = [sum(per.get(s, 0) for per in counts.values()) for s in splits]
     lines.append("total".ljust(width) + "".join(f"{t:>7}" for t in totals) + f"{sum(totals):>7}")
     lines.append("")
-    lines.extend(report["summary"])
+    if "split" in report:
+        lines.append(_split_line(report["split"]))
+    lines.extend(report["summary"][:1])
+    lines.append(_sizes_line(report["size_distribution"]))
+    lines.extend(report["summary"][1:])
     if report["leaks"]:
         lines.append("leaks:")
         ranked = sorted(report["leaks"], key=lambda x: (x["kind"] != "exact", "class" not in x["cross"]))

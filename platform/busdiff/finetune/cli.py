@@ -10,11 +10,24 @@ from typing import Any
 
 
 def _cmd_finetune(a: argparse.Namespace) -> int:
-    from busdiff.config import load_config
+    from busdiff.cliconfig import command_config
+
+    cfg = command_config(a.config, a.overrides, "finetune")  # config errors before the heavy imports
+
+    from busdiff.finetune.rundir import finished_run
+
+    done = finished_run(cfg)  # a finished run of this very config: answer from finetune.out, touch nothing
+    if done is not None:
+        adapters = done["adapter_dir"]
+        print(f"{adapters}: already finished ({done['steps']} steps, {done['updated']}); nothing to do")
+        summary = {"out": adapters.rpartition("/")[0], "adapters": adapters, "steps": done["steps"]}
+        summary |= {"n_images": done["n_images"], "seconds": done["seconds"]}
+        print(json.dumps({**summary, "loss": done["metrics"].get("loss")}, indent=2), flush=True)
+        return 0
+
     from busdiff.finetune.trainer import FinetuneError, prepare, run_finetune
     from busdiff.raycluster import connect
 
-    cfg = load_config(a.config, a.overrides)
     prepared = prepare(cfg)  # bad input: an error naming the field, before Ray starts
     resources = connect(cfg.ray)
     print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
@@ -37,12 +50,26 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     return 0
 
 
-def add_subcommand(sub: Any, add_config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_subcommand(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser(
         "finetune",
         help="train LoRA / textual-inversion adapters on Ray Train (rerun the same config to resume)",
-        description="Fine-tune adapters (finetune.method: lora, ti, lora+ti, lora-then-ti) on the "
-        "training split; writes checkpoints, metrics.jsonl, validation grids and adapters/ to finetune.out.",
+        description="Fine-tune adapters (finetune.method: lora, ti, lora+ti, lora-then-ti) on the split(s) "
+        "finetune.splits of data.root, on Ray Train workers of a local Ray cluster (or the one of "
+        "RAY_ADDRESS / `ray job submit`); writes config.yaml, run.json, checkpoints, metrics.jsonl, "
+        "validation grids and adapters/ to finetune.out. A rerun resumes from the latest checkpoint; a "
+        "finished run answers from finetune.out at once and rewrites nothing; another training config into "
+        "the same finetune.out is refused, naming the fields.",
     )
-    add_config_args(p)
+    from busdiff.config import BusdiffConfig
+
+    d = BusdiffConfig()  # the built-in defaults, quoted in the help as they are
+    ft = d.finetune
+    add_config_args(
+        p,
+        f"the built-in defaults: the paper's full recipe ({ft.method}: LoRA r{ft.lora.rank} at "
+        f"{ft.resolution} px for {ft.lora.steps} steps, then TI for {ft.ti.steps} steps) on "
+        f"model.preset={d.model.preset}, data.root={d.data.root}, into {ft.out}",
+        "finetune",
+    )
     p.set_defaults(func=_cmd_finetune)

@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow.fs as pafs
 
-from busdiff.config import BusdiffConfig
+from busdiff.config import BusdiffConfig, dump_config
 from busdiff.storage import filesystem_for, write_text
 
 LORA_PHASE_ADAPTERS = "adapters-lora"
@@ -117,6 +117,20 @@ def fingerprint_diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> 
         elif va != vb:
             out.append(f"{prefix}{k}")
     return out
+
+
+def finished_run(cfg: BusdiffConfig) -> dict[str, Any] | None:
+    """``run.json`` of ``finetune.out`` when it records a finished run of exactly ``cfg``: status done, the
+    same training fingerprint, the same resolved config.yaml, and adapters/adapter.json in place. Else None,
+    and the run is resumed or refused as ``trainer.prepare`` decides. Reads nothing but those three files."""
+    out = resolve_out(cfg.finetune.out)
+    text = read_text(join(out, "run.json"))
+    run = json.loads(text) if text else {}
+    if run.get("status") != "done" or fingerprint_diff(run.get("fingerprint") or {}, fingerprint(cfg)):
+        return None
+    if read_text(join(out, "config.yaml")) != dump_config(cfg):
+        return None  # e.g. another log_every: rerun as before (it resumes at the last step, trains nothing)
+    return run if read_text(join(out, "adapters", "adapter.json")) is not None else None
 
 
 class MetricsLog:

@@ -18,9 +18,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+
 from busdiff.config import BusdiffConfig, ConfigError, GenerateConfig, dump_config
 from busdiff.generate.plan import Plan, build_plan
-from busdiff.generate.sink import SAMPLES, Sink, write_batch
+from busdiff.generate.sink import METADATA, SAMPLES, TEXT2IMG, Sink, write_batch
 from busdiff.generate.stages import Img2Img, Text2Img, read_source_images
 from busdiff.provenance import package_versions
 from busdiff.storage import write_text
@@ -195,17 +199,9 @@ def build_dataset(cfg: BusdiffConfig, plan: Plan, rows: list[dict[str, Any]], ou
     )
 
 
-def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult:
-    """Generate the images of ``cfg.generate`` that the sink lacks; see the module docstring."""
-    import ray
-
-    t_start = time.time()
+def _plan_json(cfg: BusdiffConfig, plan: Plan) -> bytes:
+    """plan.json as this run writes it."""
     g = cfg.generate
-    plan = plan or build_plan(cfg)  # every config error surfaces here, before any actor starts
-    sink = Sink(g.out)
-    check_recipe(sink, plan, g.out)
-    sink.remove_stale_temp_files()
-    sink.write_if_changed("config.yaml", dump_config(cfg).encode())
     plan_json = {
         "name": g.name,
         "recipe_hash": plan.recipe_hash,
@@ -216,7 +212,64 @@ def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult
         "provenance": plan.provenance(),
         "packages": package_versions(),
     }
-    sink.write_if_changed("plan.json", (json.dumps(plan_json, indent=2) + "\n").encode())
+    return (json.dumps(plan_json, indent=2) + "\n").encode()
+
+
+def finished_result(cfg: BusdiffConfig, plan: Plan) -> GenerateResult | None:
+    """The answer of a sink that already holds this very run, else None (then run_generate makes what is
+    missing, or refuses another recipe, as before). Finished: config.yaml and plan.json hold what this run
+    would write, summary.json is a finished run's of this plan, and samples/metadata.parquet lists every
+    planned id with its PNG (and with keep_text2img its text2img PNG) present. Reads those files and lists
+    the image folders; decodes no image, writes nothing, needs no Ray."""
+    t0 = time.time()
+    sink, meta_rel = Sink(cfg.generate.out), f"{SAMPLES}/{METADATA}"
+    wanted = {"config.yaml": dump_config(cfg).encode(), "plan.json": _plan_json(cfg, plan)}
+    if not all(sink.exists(rel) and sink.read_bytes(rel) == data for rel, data in wanted.items()):
+        return None
+    if not (sink.exists("summary.json") and sink.exists(meta_rel)):
+        return None
+    summary = json.loads(sink.read_bytes("summary.json"))
+    if (summary.get("recipe_hash"), summary.get("planned")) != (plan.recipe_hash, len(plan.rows)):
+        return None
+    columns = ["id", "file_name", "text2img_path"]
+    meta = pq.read_table(pa.BufferReader(sink.read_bytes(meta_rel)), columns=columns).to_pylist()
+    listed = [
+        sink.fs.get_file_info(pafs.FileSelector(f"{sink.root}/{d}", allow_not_found=True, recursive=True))
+        for d in (SAMPLES, TEXT2IMG)
+    ]
+    present = {f.path for files in listed for f in files}
+    done = {
+        m["id"]
+        for m in meta
+        if f"{sink.root}/{SAMPLES}/{m['file_name']}" in present
+        and (not cfg.generate.keep_text2img or f"{sink.root}/{m['text2img_path']}" in present)
+    }
+    if not set(plan.ids) <= done:
+        return None
+    n, seconds = len(plan.rows), round(time.time() - t0, 3)
+    return GenerateResult(
+        sink.out, n, n, 0, seconds, 0.0, metadata=sink.url(meta_rel), recipe_hash=plan.recipe_hash
+    )
+
+
+def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult:
+    """Generate the images of ``cfg.generate`` that the sink lacks; see the module docstring. A sink that
+    already holds this run (:func:`finished_result`) answers at once and is left untouched."""
+    t_start = time.time()
+    g = cfg.generate
+    plan = plan or build_plan(cfg)  # every config error surfaces here, before any actor starts
+    finished = finished_result(cfg, plan)
+    if finished is not None:
+        print(f"generate: {finished.out} already holds all {finished.planned} planned images (recipe "
+              f"{plan.recipe_hash}): nothing to do", flush=True)
+        return finished
+    import ray
+
+    sink = Sink(g.out)
+    check_recipe(sink, plan, g.out)
+    sink.remove_stale_temp_files()
+    sink.write_if_changed("config.yaml", dump_config(cfg).encode())
+    sink.write_if_changed("plan.json", _plan_json(cfg, plan))
 
     done = sink.written_ids(plan.ids, keep_text2img=g.keep_text2img)
     todo = [r for r in plan.rows if r["id"] not in done]

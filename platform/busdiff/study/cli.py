@@ -13,12 +13,14 @@ def _cmd_study(a: argparse.Namespace) -> int:
 
 def run_study_command(config: str | None, overrides: list[str]) -> int:
     """``busdiff study`` (and ``busdiff demo``): check the plan, connect to Ray, run, print where it is."""
-    from busdiff.config import load_config
+    from busdiff.cliconfig import command_config
+
+    cfg = command_config(config, overrides, "study")  # config errors before the heavy imports
+
     from busdiff.raycluster import connect
     from busdiff.study.plan import build_study_plan
     from busdiff.study.run import run_study
 
-    cfg = load_config(config, overrides)
     build_study_plan(cfg)  # bad configurations: an error naming the field, before Ray starts
     resources = connect(cfg.ray)
     print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
@@ -29,12 +31,22 @@ def run_study_command(config: str | None, overrides: list[str]) -> int:
     return 0
 
 
-def add_subcommand(sub: Any, add_config_args: Callable[[argparse.ArgumentParser], None]) -> None:
+def add_subcommand(sub: Any, add_config_args: Callable[..., None]) -> None:
     p = sub.add_parser(
         "study",
         help="the paper's comparison as one resumable job: fine-tune, generate and judge every configuration",
-        description="Runs each stage once per distinct recipe (folders under study.out keyed by it; a rerun "
-        "skips what is finished) and writes study.json and report.html to study.out.",
+        description="The paper's comparison of study.configurations (real, base, lora, lora_ti, "
+        "lora_ti_refined by default) as one job on Ray: runs each stage once per distinct recipe (folders "
+        "under study.out keyed by it; a rerun skips what is finished) and writes study.json and "
+        "report.html to study.out. `busdiff demo` is this command on jobs/configs/local.yaml.",
     )
-    add_config_args(p)
+    from busdiff.config import BusdiffConfig
+
+    d = BusdiffConfig()  # the built-in defaults, quoted in the help as they are
+    add_config_args(
+        p,
+        f"the built-in defaults: every configuration at the paper's full recipe on "
+        f"model.preset={d.model.preset}, data.root={d.data.root}, into {d.study.out}",
+        "study",
+    )
     p.set_defaults(func=_cmd_study)

@@ -1,0 +1,80 @@
+"""Relative paths under ``ray job submit``: refused before any work, naming the field.
+
+A submitted job runs in a temporary copy of ``--working-dir`` that Ray deletes with the job, so a
+relative output (``generate.out: runs/generate-tiny``) "succeeds" and its images vanish with the copy,
+and a relative input that was not uploaded with the working dir is simply not there. Locally a relative
+path means the current directory, as everywhere.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from busdiff.config import BusdiffConfig, ConfigError
+
+#: Set by Ray's job supervisor in the environment of every submitted job's entrypoint.
+JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+#: The path fields each command reads (input) or writes (output). Caches are outputs: a cache in the
+#: temporary copy is recomputed by every job.
+_FIELDS: dict[str, tuple[tuple[str, bool], ...]] = {
+    "finetune": (("data.root", False), ("finetune.out", True)),
+    "generate": (("generate.out", True), ("generate.adapters", False), ("generate.source", False)),
+    "evaluate": (
+        ("data.root", False), ("evaluate.synthetic", False), ("evaluate.adapters", False),
+        ("evaluate.out", True), ("evaluate.fid.cache_dir", True), ("evaluate.fid.inception_weights", False),
+    ),
+    "study": (("data.root", False), ("study.out", True), ("evaluate.fid.cache_dir", True),
+              ("evaluate.fid.inception_weights", False)),
+    "serve": (("serve.adapters", False),),
+}
+
+
+def under_ray_job() -> bool:
+    """True inside the entrypoint of a job submitted with ``ray job submit``."""
+    return JOB_ENV in os.environ
+
+
+def check_job_path(field: str, value: str | None, *, output: bool) -> None:
+    """Refuse a relative ``value`` of ``field`` under a Ray job: always for an output, and for an input
+    that is not in the job's working dir. URIs (s3://...) and absolute paths pass; so does anything
+    outside a job."""
+    if not value or not under_ray_job() or "://" in value or value == "auto" or Path(value).is_absolute():
+        return
+    if not output and Path(value).exists():  # uploaded with --working-dir: there for the job's lifetime
+        return
+    why = (
+        "what it writes there is deleted with that copy when the job ends"
+        if output
+        else f"{value!r} is not in that copy"
+    )
+    raise ConfigError(
+        f"{field}={value!r} is a relative path, and this runs as a Ray job: the job runs in a temporary "
+        f"copy of --working-dir, and {why}. Give an absolute path on storage every node sees, or an "
+        f"s3:// URI: --set {field}=/shared/busdiff/..."
+    )
+
+
+def _get(cfg: BusdiffConfig, dotted: str) -> Any:
+    obj: Any = cfg
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def check_job_paths(cfg: BusdiffConfig, command: str) -> None:
+    """:func:`check_job_path` for every path field ``command`` uses (see ``_FIELDS``), including the base
+    model's folder (``model.preset: pretrained``) and the miniature base's cache (``miniature``)."""
+    fields = list(_FIELDS.get(command, ()))
+    if cfg.model.preset == "pretrained" and cfg.model.base.startswith("."):
+        fields.append(("model.base", False))  # a local folder; "org/name" is a hub id
+    if cfg.model.preset == "miniature":
+        fields.append(("model.miniature.cache_dir", True))
+    if command == "study" and cfg.study.phantom_data:
+        fields = [(f, out or f == "data.root") for f, out in fields]  # the demo writes its phantoms there
+    for field, output in fields:
+        value = _get(cfg, field)
+        for v in value if isinstance(value, list) else [value]:
+            check_job_path(field, v, output=output)
