@@ -15,6 +15,7 @@ from busdiff.config import ConfigError, load_config
 from busdiff.data.check import run_data_check
 from busdiff.data.quality import format_report
 from busdiff.data.records import DatasetError
+from busdiff.jobpaths import check_job_path
 from busdiff.raycluster import connect
 
 
@@ -26,6 +27,8 @@ def main() -> int:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args()
     try:
+        check_job_path("DIR", a.dir, output=False)
+        check_job_path("--json", a.json, output=True)
         cfg = load_config(a.config, [f"data.root={a.dir}", *a.overrides])
         resources = connect(cfg.ray)
         print(
@@ -33,7 +36,7 @@ def main() -> int:
             flush=True,
         )
         report = run_data_check(cfg.data, cfg.quality, json_out=a.json, use_ray=True)
-    except (ConfigError, DatasetError) as e:
+    except (ConfigError, DatasetError, ValueError, OSError) as e:  # input problems, the cluster's refusal
         print(f"data_check: error: {e}", file=sys.stderr)
         return 2
     print(format_report(report))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,10 @@ def forbid_ray_start(monkeypatch):
         raise RayStarted("ray.init was called: the error should have come before Ray starts")
 
     monkeypatch.setattr(ray, "init", refuse)
+
+
+def default_sigint() -> None:
+    """``preexec_fn`` for a child that a test stops with SIGINT: a shell's background job (``make test``
+    runs tests/e2e with ``&``; CI may run the whole suite so) inherits SIGINT ignored, and Python then
+    never raises KeyboardInterrupt."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)

@@ -133,13 +133,13 @@ def _cmd_demo(a: argparse.Namespace) -> int:
 def _cmd_generate(a: argparse.Namespace) -> int:
     cfg = command_config(a.config, a.overrides, "generate")  # config errors before the heavy imports
 
-    from busdiff.generate.pipeline import finished_result, format_summary, run_generate
+    from busdiff.generate.pipeline import finished_result, format_finished, format_summary, run_generate
     from busdiff.generate.plan import build_plan
     from busdiff.raycluster import connect
 
     plan = build_plan(cfg)  # bad config or adapters: an error naming the field, before Ray starts
     if (done := finished_result(cfg, plan)) is not None:  # a rerun of finished work: no Ray, no writes
-        print(format_summary(done), flush=True)
+        print(f"{format_finished(done, plan)}\n{format_summary(done)}", flush=True)
         return 0
     resources = connect(cfg.ray)
     print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)

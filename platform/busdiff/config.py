@@ -803,7 +803,15 @@ def parse_overrides(overrides: list[str] | None) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise ConfigError(f"override {item!r}: expected key=value, e.g. model.preset=tiny")
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem", None) or "not valid YAML"
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({mark}); lists are [0,1,2], a mapping "
+                "is quoted with a space after each colon: --set 'generate.count={benign: 3, normal: 2}'"
+            ) from None
+        _set_dotted(tree, key.strip(), value)
     return tree
 
 

@@ -41,10 +41,13 @@ def check_job_path(field: str, value: str | None, *, output: bool) -> None:
     """Refuse a relative ``value`` of ``field`` under a Ray job: always for an output, and for an input
     that is not in the job's working dir. URIs (s3://...) and absolute paths pass; so does anything
     outside a job."""
-    if not value or not under_ray_job() or "://" in value or value == "auto" or Path(value).is_absolute():
+    local = value.removeprefix("file://") if value else value
+    if not local or not under_ray_job() or "://" in local or local == "auto":
         return
-    if not output and Path(value).exists():  # uploaded with --working-dir: there for the job's lifetime
-        return
+    path = Path(local).expanduser()
+    if path.is_absolute() or (not output and path.exists()):  # an input uploaded with --working-dir is
+        return  # there for the job's lifetime
+    example = f"--set {field}=/shared/busdiff/..." if "." in field else f"{field} /shared/busdiff/..."
     why = (
         "what it writes there is deleted with that copy when the job ends"
         if output
@@ -53,7 +56,7 @@ def check_job_path(field: str, value: str | None, *, output: bool) -> None:
     raise ConfigError(
         f"{field}={value!r} is a relative path, and this runs as a Ray job: the job runs in a temporary "
         f"copy of --working-dir, and {why}. Give an absolute path on storage every node sees, or an "
-        f"s3:// URI: --set {field}=/shared/busdiff/..."
+        f"s3:// URI: {example}"
     )
 
 

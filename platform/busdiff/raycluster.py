@@ -51,19 +51,26 @@ RAY_NOISE = re.compile(
 #: The filter process of _drop_from_stderr: stdin to stdout, dropping the lines that match argv[1]. A
 #: partial line is held until its newline, or passed on after 0.2 s without more (a progress bar).
 _FILTER = """
-import re, select, sys
+import re, select, signal, sys
+for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):  # `ray job stop` signals the driver's whole
+    signal.signal(s, signal.SIG_IGN)  # tree: outlive the driver and pass on its last lines, end at EOF
 noise, out, buf = re.compile(sys.argv[1].encode()), sys.stdout.buffer, b""
+def put(data):
+    try:
+        out.write(data); out.flush()
+    except OSError:  # the reader went away (`busdiff ... 2>&1 | head`): keep draining
+        pass
 while True:
     if buf and not select.select([0], [], [], 0.2)[0]:
-        out.write(buf); out.flush(); buf = b""
+        put(buf); buf = b""
     chunk = sys.stdin.buffer.raw.read(1 << 16)
     if not chunk:
         break
     *lines, buf = (buf + chunk).split(b"\\n")
-    out.write(b"".join(line + b"\\n" for line in lines if not noise.search(line))); out.flush()
-out.write(buf); out.flush()
+    put(b"".join(line + b"\\n" for line in lines if not noise.search(line)))
+put(buf)
 """
-_filtering = False
+_filter: subprocess.Popen | None = None
 
 
 def _drop_from_stderr(noise: re.Pattern[str]) -> None:
@@ -72,17 +79,16 @@ def _drop_from_stderr(noise: re.Pattern[str]) -> None:
     they come. A process, not a thread, so nothing is lost when this one dies abruptly (the filter drains
     the pipe to its end); in a session of its own, so Ctrl-C stops only this process. Ray's own processes,
     started before, keep the original stderr. BUSDIFF_RAY_NOISE=show turns it off."""
-    global _filtering
-    if _filtering or os.environ.get("BUSDIFF_RAY_NOISE") == "show":
+    global _filter
+    if _filter is not None or os.environ.get("BUSDIFF_RAY_NOISE") == "show":
         return
     sys.stderr.flush()
     read, write = os.pipe()
     command = [sys.executable, "-c", _FILTER, noise.pattern]
-    subprocess.Popen(command, stdin=read, stdout=2, start_new_session=True)
+    _filter = subprocess.Popen(command, stdin=read, stdout=2, start_new_session=True)
     os.close(read)
     os.dup2(write, 2)
     os.close(write)
-    _filtering = True
 
 
 def know_own_cluster() -> None:
@@ -129,4 +135,9 @@ def connect(cfg: RayConfig) -> dict[str, Any]:
             raise ClusterError(AUTH_HINT) from None
         raise
     _drop_from_stderr(RAY_NOISE)
+    # A failing stage UDF re-raises its own exception in the driver (else Ray Data's UserCodeException,
+    # "UDF failed to process a data block", hides e.g. the OSError of an unwritable generate.out)
+    from ray.data import DataContext
+
+    DataContext.get_current().raise_original_map_exception = True
     return ray.cluster_resources()

@@ -58,7 +58,8 @@ def test_evaluate_job_bad_input_fails_with_the_folder_named(ray_head, tmp_path):
     r = ray_head.submit(
         "python",
         "jobs/evaluate.py",
-        *_sets(f"data.root={real}", f"evaluate.synthetic={tmp_path / 'empty'}"),
+        *_sets(f"data.root={real}", f"evaluate.synthetic={tmp_path / 'empty'}", f"evaluate.out={tmp_path}/e",
+               f"evaluate.fid.cache_dir={tmp_path}/cache"),  # a job's outputs: absolute (jobpaths)
         check=False,
     )
     assert r.returncode != 0

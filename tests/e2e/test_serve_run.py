@@ -12,6 +12,7 @@ from pathlib import Path
 import requests
 import yaml
 
+from tests.conftest import default_sigint
 from tests.e2e.harness import BIN, REPO, free_port
 
 SMALL = ["serve.default_steps=2", "serve.default_size=32", "serve.min_size=32"]
@@ -35,7 +36,8 @@ def _serve_config(tmp_path: Path, port: int, host: str = "127.0.0.1") -> Path:
 def _serve_run(ray_head, path: Path):
     log = (path.parent / "serve-run.log").open("w")  # a file: an unread pipe would fill and block it
     proc = subprocess.Popen(
-        [str(BIN / "serve"), "run", str(path)], cwd=REPO, env=_env(ray_head), stdout=log, stderr=log
+        [str(BIN / "serve"), "run", str(path)], cwd=REPO, env=_env(ray_head), stdout=log, stderr=log,
+        preexec_fn=default_sigint,
     )
     try:
         yield proc

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tests.conftest import REPO
+from tests.conftest import REPO, default_sigint
 
 BUSDIFF = str(Path(sys.executable).parent / "busdiff")
 HEAVY = {"torch", "ray"}
@@ -126,6 +126,7 @@ def test_ctrl_c_stops_cleanly_and_leaves_no_half_written_folder(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=default_sigint,
     )
     deadline = time.monotonic() + 60
     while not any(f.suffix == ".png" for f in tmp_path.rglob("*")) and time.monotonic() < deadline:

@@ -73,3 +73,8 @@ def test_bad_override_syntax_and_missing_file(tmp_path):
     bad.write_text("- a\n- b\n")
     with pytest.raises(ConfigError, match="mapping"):
         load_config(bad)
+
+
+def test_an_override_that_is_not_yaml_is_one_message_naming_it():
+    with pytest.raises(ConfigError, match=r"override 'generate.count=\{benign: 3': the value is not valid"):
+        load_config(None, ["generate.count={benign: 3"])

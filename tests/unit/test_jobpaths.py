@@ -60,3 +60,13 @@ def test_each_command_checks_the_paths_it_uses(in_job):
 def test_relative_paths_are_the_current_dir_outside_a_job(monkeypatch):
     monkeypatch.delenv(JOB_ENV, raising=False)
     check_job_paths(load_config(None, ["generate.out=runs/x", "generate.adapters=missing"]), "generate")
+
+
+def test_home_paths_pass_and_a_flag_is_named_as_a_flag(in_job):
+    from busdiff.jobpaths import check_job_path
+
+    check_job_path("generate.out", "~/busdiff/gen", output=True)  # every writer expands ~
+    with pytest.raises(ConfigError, match=r"--json='r.json' is a relative path.*: --json /shared/busdiff/"):
+        check_job_path("--json", "r.json", output=True)
+    with pytest.raises(ConfigError, match="relative path"):
+        check_job_path("generate.out", "file://runs/x", output=True)

@@ -180,3 +180,20 @@ def test_a_folder_holding_data_is_refused_unless_overwrite(tmp_path: Path) -> No
     assert len(_files(tmp_path)) == 6
     write_phantom(tmp_path, 2, seed=1, size=96, overwrite=True)
     assert len(_files(tmp_path)) == 12
+
+
+def test_a_studys_phantom_data_is_written_once_replaced_when_its_recipe_changes_never_merged(tmp_path):
+    from busdiff.data.phantom import PHANTOM_STAMP, write_phantom_once
+
+    root = tmp_path / "phantom"
+    assert write_phantom_once(root, 2, seed=0, size=64)
+    mtimes = {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+    assert not write_phantom_once(root, 2, seed=0, size=64)  # the same: nothing rewritten
+    assert {p: p.stat().st_mtime_ns for p in root.rglob("*")} == mtimes
+    assert write_phantom_once(root, 3, seed=0, size=64)  # the phantom section changed: replaced
+    assert len(list((root / "benign").glob("* ([0-9]).png"))) == 3
+    assert '"n_per_class": 3' in (root / PHANTOM_STAMP).read_text()
+    (root / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match="not phantom data"):
+        write_phantom_once(root, 4, seed=0, size=64)
+    assert (root / "notes.txt").is_file()

@@ -366,17 +366,14 @@ def write_phantom(
 
 def write_phantom_once(out: str | Path, n_per_class: int, seed: int = 0, size: int = 256) -> bool:
     """:func:`write_phantom` into ``out`` unless it already holds exactly that data (its stamp file says
-    so): True when it wrote. A folder holding anything else is refused rather than merged into."""
+    so): True when it wrote. Phantom data of other arguments is replaced (a study's own data, e.g. after
+    its phantom section changed, or a run killed before it wrote the stamp); a folder holding anything
+    else is refused rather than merged into."""
     root = Path(out)
     recipe = {"n_per_class": int(n_per_class), "seed": int(seed), "size": int(size)}
     stamp = root / PHANTOM_STAMP
     if stamp.is_file() and json.loads(stamp.read_text()) == recipe:
         return False
-    if root.exists() and any(root.iterdir()):
-        raise ValueError(
-            f"{root} is not empty and does not hold phantom data {recipe} (its {PHANTOM_STAMP} says "
-            f"{stamp.read_text().strip() if stamp.is_file() else 'nothing'}): choose an empty folder"
-        )
-    write_phantom(root, n_per_class, seed=seed, size=size)
+    write_phantom(root, n_per_class, seed=seed, size=size, overwrite=True)
     stamp.write_text(json.dumps(recipe) + "\n")
     return True

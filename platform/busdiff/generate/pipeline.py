@@ -252,6 +252,12 @@ def finished_result(cfg: BusdiffConfig, plan: Plan) -> GenerateResult | None:
     )
 
 
+def format_finished(res: GenerateResult, plan: Plan) -> str:
+    """The line a rerun of finished work prints."""
+    return (f"generate: {res.out} already holds all {res.planned} planned images (recipe "
+            f"{plan.recipe_hash}): nothing to do")
+
+
 def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult:
     """Generate the images of ``cfg.generate`` that the sink lacks; see the module docstring. A sink that
     already holds this run (:func:`finished_result`) answers at once and is left untouched."""
@@ -260,8 +266,7 @@ def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult
     plan = plan or build_plan(cfg)  # every config error surfaces here, before any actor starts
     finished = finished_result(cfg, plan)
     if finished is not None:
-        print(f"generate: {finished.out} already holds all {finished.planned} planned images (recipe "
-              f"{plan.recipe_hash}): nothing to do", flush=True)
+        print(format_finished(finished, plan), flush=True)
         return finished
     import ray
 
