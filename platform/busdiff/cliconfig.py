@@ -51,8 +51,8 @@ def command_config(config: str | None, overrides: list[str], command: str) -> Bu
     if config is None and not overrides:
         shipped = "\n".join(shipped_configs(command)) or "  (none found beside this installation)"
         raise ConfigError(
-            f"no config given. Without one, busdiff {command} would run the built-in defaults: the paper's "
-            "full recipe (512 px, 50 steps, 300 images per class; hours on CPUs). Name a config:\n"
+            f"no config given. Without one, busdiff {command} would run the built-in defaults, the paper's "
+            "full recipe (`busdiff config` prints them; the stages take hours on CPUs). Name a config:\n"
             f"{shipped}\nor run the embedded default's study with `busdiff demo`; `busdiff config FILE` "
             "shows a config resolved. To run the defaults anyway, change them with --set KEY=VALUE."
         )

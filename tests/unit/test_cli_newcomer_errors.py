@@ -245,9 +245,3 @@ def test_a_hint_names_only_flags_the_command_has(tmp_path):
     png(root / "benign" / "benign (2)_mask.png")
     msg = refused(busdiff("data", "check", str(root)), "benign (2).png", "--skip-bad")
     assert "data.skip_bad" not in msg and "--set" not in msg  # data check has no --set
-
-
-def test_evaluations_image_suffixes_agree():
-    from busdiff.evaluate import features, inputs
-
-    assert inputs.IMAGE_SUFFIXES == features.IMAGE_SUFFIXES

@@ -28,8 +28,6 @@ from PIL import Image
 from busdiff.data.busi import sha256_file
 from busdiff.evaluate.inception import FEATURE_DIM, InceptionWeights, load_inception, resolve_weights
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
-
 
 @dataclass(frozen=True)
 class ImageItem:

@@ -23,7 +23,7 @@ from busdiff.data.splits import assign_splits
 if TYPE_CHECKING:  # busdiff.evaluate.features imports torch: imported where items are made, so that
     from busdiff.evaluate.features import ImageItem  # check_synthetic runs before any heavy import
 
-#: What evaluation reads as an image (busdiff.evaluate.features.IMAGE_SUFFIXES).
+#: What evaluation reads as an image.
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 _KAGGLE_IMAGE = re.compile(r"^[A-Za-z]+ \(\d+\)\.png$")
 
