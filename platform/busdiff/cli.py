@@ -143,7 +143,7 @@ def _cmd_generate(a: argparse.Namespace) -> int:
         return 0
     resources = connect(cfg.ray)
     print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
-    print(format_summary(run_generate(cfg, plan)), flush=True)
+    print(format_summary(run_generate(cfg, plan, check_finished=False)), flush=True)
     return 0
 
 

@@ -20,9 +20,8 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     if done is not None:
         adapters = done["adapter_dir"]
         print(f"{adapters}: already finished ({done['steps']} steps, {done['updated']}); nothing to do")
-        summary = {"out": adapters.rpartition("/")[0], "adapters": adapters, "steps": done["steps"]}
-        summary |= {"n_images": done["n_images"], "seconds": done["seconds"]}
-        print(json.dumps({**summary, "loss": done["metrics"].get("loss")}, indent=2), flush=True)
+        out = adapters.rpartition("/")[0]
+        _print_summary(out, adapters, done["steps"], done["n_images"], done["seconds"], done["metrics"])
         return 0
 
     from busdiff.finetune.trainer import FinetuneError, prepare, run_finetune
@@ -38,16 +37,15 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
     except FinetuneError as e:
         print(f"busdiff finetune: error: {e}", file=sys.stderr)
         return 1
-    summary = {
-        "out": res.out,
-        "adapters": res.adapter_dir,
-        "steps": res.steps,
-        "n_images": res.n_images,
-        "seconds": round(res.seconds, 1),
-        "loss": res.metrics.get("loss"),
-    }
-    print(json.dumps(summary, indent=2), flush=True)
+    _print_summary(res.out, res.adapter_dir, res.steps, res.n_images, res.seconds, res.metrics)
     return 0
+
+
+def _print_summary(out: str, adapters: str, steps: int, n_images: int, seconds: float,
+                   metrics: dict[str, Any]) -> None:
+    summary = {"out": out, "adapters": adapters, "steps": steps, "n_images": n_images,
+               "seconds": round(seconds, 1), "loss": metrics.get("loss")}
+    print(json.dumps(summary, indent=2), flush=True)
 
 
 def add_subcommand(sub: Any, add_config_args: Callable[..., None]) -> None:

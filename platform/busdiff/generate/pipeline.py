@@ -258,13 +258,14 @@ def format_finished(res: GenerateResult, plan: Plan) -> str:
             f"{plan.recipe_hash}): nothing to do")
 
 
-def run_generate(cfg: BusdiffConfig, plan: Plan | None = None) -> GenerateResult:
+def run_generate(cfg: BusdiffConfig, plan: Plan | None = None, check_finished: bool = True) -> GenerateResult:
     """Generate the images of ``cfg.generate`` that the sink lacks; see the module docstring. A sink that
-    already holds this run (:func:`finished_result`) answers at once and is left untouched."""
+    already holds this run (:func:`finished_result`) answers at once and is left untouched
+    (``check_finished=False``: the caller has just asked :func:`finished_result` itself)."""
     t_start = time.time()
     g = cfg.generate
     plan = plan or build_plan(cfg)  # every config error surfaces here, before any actor starts
-    finished = finished_result(cfg, plan)
+    finished = finished_result(cfg, plan) if check_finished else None
     if finished is not None:
         print(format_finished(finished, plan), flush=True)
         return finished
