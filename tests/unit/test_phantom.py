@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +16,12 @@ from busdiff.data.phantom import CLASSES, render_phantom, write_phantom
 SEEDS = range(8)
 
 
+@functools.cache
 def _render(label: str, seed: int, size: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    return render_phantom(label, np.random.default_rng([seed, CLASSES.index(label), 1]), size)
+    """Rendered once per (label, seed, size) for all the tests below (read-only: shared between them)."""
+    img, mask = render_phantom(label, np.random.default_rng([seed, CLASSES.index(label), 1]), size)
+    img.flags.writeable = mask.flags.writeable = False
+    return img, mask
 
 
 def _files(root: Path) -> dict[str, bytes]:

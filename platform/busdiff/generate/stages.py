@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from busdiff.config import SCHEDULERS, ModelConfig
-from busdiff.models.adapters import load_adapters
+from busdiff.models.adapters import check_adapter_base, load_adapters
 from busdiff.models.presets import load_pipelines, model_id, resolve_device
 
 
@@ -61,6 +61,8 @@ def load_stage_pipeline(
     ``adapters`` loaded (refused when trained on another base), ``scheduler`` swapped in, and the speed
     options applied (attention is PyTorch SDPA, diffusers' default with torch 2)."""
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+    if adapters:  # before the (possibly large) base model is built
+        check_adapter_base(adapters, model_id(cfg))
     txt, img = load_pipelines(cfg, resolve_device(cfg.device))
     if adapters:
         load_adapters(txt, adapters, base_model=model_id(cfg))  # components are shared with img

@@ -383,6 +383,16 @@ def adapter_class_tokens(meta: dict[str, Any] | None, classes: Sequence[str],
                        "class each belongs to: re-save it with busdiff, or set the token explicitly")
 
 
+def check_adapter_base(adapter_dir: str | Path, base_model: str, meta: dict | None = None) -> dict:
+    """Refuse an adapter trained on another base than ``base_model`` (cheap: reads adapter.json only, so
+    callers can ask before building a pipeline). Returns the adapter.json content."""
+    meta = meta if meta is not None else read_adapter_json(adapter_dir)
+    if meta["base_model"] != base_model:
+        raise AdapterError(f"adapter {adapter_dir} was trained on base model {meta['base_model']!r}, "
+                           f"but the pipeline's base model is {base_model!r}")
+    return meta
+
+
 def load_adapters(pipe: Any, adapter_dir: str | Path, base_model: str | None = None) -> dict:
     """Verify ``adapter_dir`` (:func:`read_adapter_json`) and load it into ``pipe`` with diffusers'
     ``load_lora_weights`` and ``load_textual_inversion``. Components shared with another pipeline (the
@@ -390,9 +400,8 @@ def load_adapters(pipe: Any, adapter_dir: str | Path, base_model: str | None = N
     given, refuses an adapter trained on another base. Returns the adapter.json content."""
     adapter_dir = Path(adapter_dir)
     meta = read_adapter_json(adapter_dir)
-    if base_model is not None and meta["base_model"] != base_model:
-        raise AdapterError(f"adapter {adapter_dir} was trained on base model {meta['base_model']!r}, "
-                           f"but the pipeline's base model is {base_model!r}")
+    if base_model is not None:
+        check_adapter_base(adapter_dir, base_model, meta)
     if meta.get("lora"):
         pipe.load_lora_weights(str(adapter_dir), weight_name=meta["lora"]["file"])
     ti = meta.get("textual_inversion") or []
