@@ -51,3 +51,12 @@ def default_sigint() -> None:
     runs tests/e2e with ``&``; CI may run the whole suite so) inherits SIGINT ignored, and Python then
     never raises KeyboardInterrupt."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+@pytest.fixture
+def s3(monkeypatch):
+    """A real S3 API server on loopback (tests/s3.py) with one bucket, tests.s3.BUCKET."""
+    from tests.s3 import s3_server
+
+    with s3_server(monkeypatch) as server:
+        yield server

@@ -1,4 +1,5 @@
-"""Relative paths under ``ray job submit``: refused before any work, naming the field.
+"""A command's path fields, checked before any work, naming the field: relative paths under ``ray job
+submit``, and object-store outputs that cannot be written (:func:`busdiff.storage.check_output_uri`).
 
 A submitted job runs in a temporary copy of ``--working-dir`` that Ray deletes with the job, so a
 relative output (``generate.out: runs/generate-tiny``) "succeeds" and its images vanish with the copy,
@@ -13,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from busdiff.config import BusdiffConfig, ConfigError
+from busdiff.storage import check_output_uri
 
 #: Set by Ray's job supervisor in the environment of every submitted job's entrypoint.
 JOB_ENV = "RAY_JOB_CONFIG_JSON_ENV_VAR"
@@ -68,8 +70,9 @@ def _get(cfg: BusdiffConfig, dotted: str) -> Any:
 
 
 def check_job_paths(cfg: BusdiffConfig, command: str) -> None:
-    """:func:`check_job_path` for every path field ``command`` uses (see ``_FIELDS``), including the base
-    model's folder (``model.preset: pretrained``) and the miniature base's cache (``miniature``)."""
+    """:func:`check_job_path` (and :func:`check_output_uri` for outputs) for every path field ``command``
+    uses (see ``_FIELDS``), including the base model's folder (``model.preset: pretrained``) and the
+    miniature base's cache (``miniature``)."""
     fields = list(_FIELDS.get(command, ()))
     if cfg.model.preset == "pretrained" and cfg.model.base.startswith("."):
         fields.append(("model.base", False))  # a local folder; "org/name" is a hub id
@@ -81,3 +84,5 @@ def check_job_paths(cfg: BusdiffConfig, command: str) -> None:
         value = _get(cfg, field)
         for v in value if isinstance(value, list) else [value]:
             check_job_path(field, v, output=output)
+            if output and v:
+                check_output_uri(field, v)

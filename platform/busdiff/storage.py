@@ -20,6 +20,36 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     return pafs.FileSystem.from_uri(uri)
 
 
+#: Arrow's S3 error codes (in its OSError text) that mean the credentials were not accepted.
+_REFUSED = ("ACCESS_DENIED", "INVALID_ACCESS_KEY_ID", "SIGNATURE_DOES_NOT_MATCH", "EXPIRED_TOKEN")
+
+
+def check_output_uri(field: str, uri: str) -> None:
+    """Refuse an object-store output (``s3://bucket/...``) before any work when its bucket does not exist,
+    the credentials are refused, or the endpoint cannot be reached: one OSError line naming ``field`` and
+    ``uri``. Local paths pass (their folders are created when written)."""
+    if not _is_uri(uri):
+        return
+    endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+    try:
+        fs, inner = filesystem_for(uri)
+        bucket = inner.split("/", 1)[0]
+        info = fs.get_file_info(bucket)
+    except (OSError, ValueError) as e:
+        text = str(e)
+        if any(code in text for code in _REFUSED):
+            why = ("the credentials were refused (AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY, AWS_PROFILE or "
+                   "the node's instance profile)")
+        elif "NETWORK_CONNECTION" in text or "Could not connect" in text:
+            why = f"the object store at {endpoint} cannot be reached"
+        else:
+            why = text.splitlines()[0] if text else type(e).__name__
+        raise OSError(f"{field}={uri}: {why}") from None
+    if info.type == pafs.FileType.NotFound:
+        raise OSError(f"{field}={uri}: bucket {bucket!r} does not exist at {endpoint}: create it, or choose "
+                      "another bucket")
+
+
 def write_bytes(path: str | Path, data: bytes) -> str:
     """Write ``data`` to a local path or a filesystem URI atomically; returns the path written."""
     path = str(path)

@@ -1,0 +1,42 @@
+"""Object-store outputs against a real S3 API server on loopback (moto, tests/s3.py): a missing bucket,
+refused credentials and an unreachable endpoint are each one line naming the field and URI, before any
+work; an existing bucket is written as a local folder would be."""
+
+from __future__ import annotations
+
+import pytest
+
+from busdiff import storage
+from tests.s3 import BUCKET
+from tests.unit.test_cli_newcomer_errors import busdiff, refused
+
+GENERATE = "jobs/configs/generate-tiny.yaml"
+
+
+def test_an_existing_bucket_passes_and_is_written(s3):
+    storage.check_output_uri("generate.out", f"s3://{BUCKET}/runs/gen")
+    storage.write_text(f"s3://{BUCKET}/runs/gen/summary.json", "{}")
+    assert list(s3.objects("runs/gen")) == ["runs/gen/summary.json"]
+
+
+def test_a_missing_bucket_is_refused_before_any_work(s3):
+    uri = "s3://no-such-bucket/gen"
+    msg = refused(busdiff("generate", GENERATE, "--set", f"generate.out={uri}"),
+                  f"generate.out={uri}", "bucket 'no-such-bucket' does not exist", s3.endpoint)
+    assert msg.count("\n") == 0
+    assert s3.objects("") == {}
+
+
+def test_refused_credentials_are_one_line_naming_the_uri(s3, monkeypatch):
+    import moto.settings
+
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)  # the server now checks keys
+    with pytest.raises(OSError, match=rf"^study.out=s3://{BUCKET}/study: the credentials were refused"):
+        storage.check_output_uri("study.out", f"s3://{BUCKET}/study")
+
+
+def test_an_unreachable_endpoint_is_named(s3, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    with pytest.raises(OSError, match=r"^evaluate.out=s3://x/y: the object store at http://127.0.0.1:9 can"):
+        storage.check_output_uri("evaluate.out", "s3://x/y")
