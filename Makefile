@@ -26,20 +26,15 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: page tests will be skipped"
 
-# Three lanes at once, since most of the suite waits (on Ray starts, jobs, servers) rather than computes:
-# tests/unit with the lighter half of tests/ray here, the heavier half of tests/ray (its own local cluster)
-# and tests/e2e (each module its own `ray start --head` on free ports) alongside; their logs are printed
-# when all are done.
-RAY_ALONGSIDE := tests/ray/test_generate_pipeline.py tests/ray/test_finetune.py tests/ray/test_study.py
+# tests/e2e (each module its own `ray start --head` on free ports, mostly waiting on jobs and servers) run
+# beside tests/unit + tests/ray (one shared local cluster); their log is printed when both are done.
 test: lint browser
 	@mkdir -p runs
-	@echo "tests/e2e and $(RAY_ALONGSIDE) run alongside, logging to runs/test-e2e.log and runs/test-ray.log"
+	@echo "tests/e2e run alongside, logging to runs/test-e2e.log (printed at the end)"
 	@$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider tests/e2e >runs/test-e2e.log 2>&1 & e2e=$$!; \
-	$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider $(RAY_ALONGSIDE) >runs/test-ray.log 2>&1 & ray=$$!; \
-	$(BIN)/python -m pytest -q -ra --durations=25 tests/unit tests/ray $(RAY_ALONGSIDE:%=--ignore=%); s=$$?; \
-	wait $$ray; r=$$?; echo "==== $(RAY_ALONGSIDE) (exit $$r) ===="; cat runs/test-ray.log; \
+	$(BIN)/python -m pytest -q -ra --durations=25 tests/unit tests/ray; s=$$?; \
 	wait $$e2e; e=$$?; echo "==== tests/e2e (exit $$e) ===="; cat runs/test-e2e.log; \
-	exit $$(( s != 0 || r != 0 || e != 0 ))
+	exit $$(( s != 0 || e != 0 ))
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -8,6 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
+import pytest
 import requests
 
 BUCKET = "busdiff-test"
@@ -43,8 +44,9 @@ def _boto_credentials(env: dict[str, str]) -> dict[str, str]:
 
 
 @contextmanager
-def s3_server(monkeypatch) -> Iterator[S3]:
-    """A moto S3 server on a free loopback port with bucket ``BUCKET``; the environment points at it."""
+def s3_server(monkeypatch: pytest.MonkeyPatch) -> Iterator[S3]:
+    """A moto S3 server on a free loopback port with bucket ``BUCKET``; the environment points at it
+    (through ``monkeypatch``, so it is restored afterwards)."""
     from moto.server import ThreadedMotoServer
 
     with socket.socket() as s:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from busdiff.config import BusdiffConfig, ConfigError, check_model_base, load_config
 from busdiff.estimate import cpu_estimate
-from busdiff.jobpaths import check_job_paths
+from busdiff.jobpaths import check_job_paths, check_object_store_outputs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -58,6 +58,7 @@ def command_config(config: str | None, overrides: list[str], command: str) -> Bu
         )
     cfg = load_config(config, overrides)
     check_job_paths(cfg, command)
+    check_object_store_outputs(cfg, command)
     check_model_base(cfg)
     warning = cpu_estimate(cfg, command)
     if warning:

@@ -70,9 +70,8 @@ def _get(cfg: BusdiffConfig, dotted: str) -> Any:
 
 
 def check_job_paths(cfg: BusdiffConfig, command: str) -> None:
-    """:func:`check_job_path` (and :func:`check_output_uri` for outputs) for every path field ``command``
-    uses (see ``_FIELDS``), including the base model's folder (``model.preset: pretrained``) and the
-    miniature base's cache (``miniature``)."""
+    """:func:`check_job_path` for every path field ``command`` uses (see ``_FIELDS``), including the base
+    model's folder (``model.preset: pretrained``) and the miniature base's cache (``miniature``)."""
     fields = list(_FIELDS.get(command, ()))
     if cfg.model.preset == "pretrained" and cfg.model.base.startswith("."):
         fields.append(("model.base", False))  # a local folder; "org/name" is a hub id
@@ -84,5 +83,12 @@ def check_job_paths(cfg: BusdiffConfig, command: str) -> None:
         value = _get(cfg, field)
         for v in value if isinstance(value, list) else [value]:
             check_job_path(field, v, output=output)
-            if output and v:
-                check_output_uri(field, v)
+
+
+def check_object_store_outputs(cfg: BusdiffConfig, command: str) -> None:
+    """:func:`check_output_uri` for every output path field ``command`` writes (see ``_FIELDS``): a bucket
+    that is missing or refuses the credentials is found before any work, not at the first write."""
+    for field, output in _FIELDS.get(command, ()):
+        value = _get(cfg, field)
+        if output and isinstance(value, str):
+            check_output_uri(field, value)

@@ -9,13 +9,22 @@ import time
 from contextlib import contextmanager
 from pathlib import Path
 
+import pytest
 import requests
 import yaml
 
 from tests.conftest import default_sigint
-from tests.e2e.harness import BIN, REPO, free_port
+from tests.e2e.harness import BIN, REPO, RayHead, free_port
 
 SMALL = ["serve.default_steps=2", "serve.default_size=32", "serve.min_size=32"]
+
+
+@pytest.fixture(scope="module")
+def ray_head():
+    """This module's own head (not the session's shared one): its first test needs a head on which Serve
+    has not started, and Serve stays on it afterwards."""
+    with RayHead() as head:
+        yield head
 
 
 def _env(ray_head) -> dict[str, str]:

@@ -1,5 +1,6 @@
 """One local Ray cluster shared by every test in tests/ray (Ray's own testing advice); it shuts down when
-the package's last test ends, so unit tests can prove they start no Ray."""
+the package's last test ends, so unit tests can prove they start no Ray. A real S3 API server runs beside
+it for the object-storage tests."""
 
 from __future__ import annotations
 
@@ -8,8 +9,18 @@ import os
 import pytest
 
 
+@pytest.fixture(scope="package")
+def s3_for_ray():
+    """A real S3 API server (tests/s3.py) whose endpoint and credentials are in the environment before the
+    shared cluster starts, so that its workers reach it the standard AWS way, as a cluster's nodes would."""
+    from tests.s3 import s3_server
+
+    with pytest.MonkeyPatch.context() as mp, s3_server(mp) as server:
+        yield server
+
+
 @pytest.fixture(scope="package", autouse=True)
-def ray_cluster():
+def ray_cluster(s3_for_ray):
     import ray
 
     os.environ.pop("RAY_ADDRESS", None)

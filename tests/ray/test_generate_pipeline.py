@@ -187,7 +187,7 @@ def test_killing_the_driver_then_rerunning_ends_as_an_uninterrupted_run(tmp_path
             "out": str(out),
             "count": {"malignant": 14},
             "size": 64,
-            "steps": 25,
+            "steps": 10,  # slow enough to be killed after 2 of 14 images (batch 1)
             "text2img": {"batch_size": 1},
             "img2img": {"batch_size": 1},
         },

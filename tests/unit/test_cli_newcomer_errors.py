@@ -30,13 +30,19 @@ HEAVY = {"torch", "ray"}
 
 
 @functools.cache
-def no_ray_env() -> dict[str, str]:
-    """The subprocesses' environment: ``import ray`` fails there, so no refusal can start a cluster."""
+def _ray_shadow() -> Path:
+    """A folder whose ``ray`` package fails to import."""
     shadow = Path(tempfile.mkdtemp(prefix="busdiff-no-ray-"))
     atexit.register(shutil.rmtree, shadow, True)
     (shadow / "ray").mkdir()
     (shadow / "ray" / "__init__.py").write_text('raise ImportError("ray imported before the refusal")\n')
-    path = os.pathsep.join(filter(None, [str(shadow), os.environ.get("PYTHONPATH")]))
+    return shadow
+
+
+def no_ray_env() -> dict[str, str]:
+    """The subprocesses' environment (this process's, as it is now): ``import ray`` fails there, so no
+    refusal can start a cluster."""
+    path = os.pathsep.join(filter(None, [str(_ray_shadow()), os.environ.get("PYTHONPATH")]))
     return {**os.environ, "PYTHONPATH": path}
 
 
