@@ -26,16 +26,13 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: page tests will be skipped"
 
-# Two lanes at once, of about equal length (measured): tests/e2e (one `ray start --head` on free ports,
-# mostly waiting on jobs and servers) with tests/ray/$(RAY_BESIDE_E2E) (its own local cluster) alongside,
-# tests/unit + the rest of tests/ray (one shared local cluster) here; that log is printed when both are done.
-RAY_BESIDE_E2E := test_sd15_folder.py
+# tests/e2e (each module its own `ray start --head` on free ports, mostly waiting on jobs and servers) run
+# beside tests/unit + tests/ray (one shared local cluster); their log is printed when both are done.
 test: lint browser
 	@mkdir -p runs
-	@echo "tests/e2e and tests/ray/$(RAY_BESIDE_E2E) run alongside, logging to runs/test-e2e.log (printed at the end)"
-	@$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider tests/e2e tests/ray/$(RAY_BESIDE_E2E) \
-	  >runs/test-e2e.log 2>&1 & e2e=$$!; \
-	$(BIN)/python -m pytest -q -ra --durations=25 tests/unit tests/ray --ignore=tests/ray/$(RAY_BESIDE_E2E); s=$$?; \
+	@echo "tests/e2e run alongside, logging to runs/test-e2e.log (printed at the end)"
+	@$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider tests/e2e >runs/test-e2e.log 2>&1 & e2e=$$!; \
+	$(BIN)/python -m pytest -q -ra --durations=25 tests/unit tests/ray; s=$$?; \
 	wait $$e2e; e=$$?; echo "==== tests/e2e (exit $$e) ===="; cat runs/test-e2e.log; \
 	exit $$(( s != 0 || e != 0 ))
 
