@@ -65,7 +65,7 @@ def load_stage_pipeline(
         check_adapter_base(adapters, model_id(cfg))
     txt, img = load_pipelines(cfg, resolve_device(cfg.device))
     if adapters:
-        load_adapters(txt, adapters, base_model=model_id(cfg))  # components are shared with img
+        load_adapters(txt, adapters)  # base checked above; components are shared with img
     pipe = txt if which == "text2img" else img
     set_scheduler(pipe, scheduler)
     if channels_last:
