@@ -107,6 +107,24 @@ def test_only_decodable_pngs_with_a_journal_row_count_as_written(tmp_path):
     assert sink.written_ids(keep_text2img=True) == set()
 
 
+def test_a_resume_checks_sizes_from_one_listing_and_decodes_only_rows_without_one(tmp_path, monkeypatch):
+    out = str(tmp_path / "gen")
+    write_batch(_batch(["benign", "malignant"]), out, STATIC, keep_text2img=True)
+    sink = Sink(out)
+    assert set(sink.read_metadata()["png_bytes"].to_pylist()) != {0}
+    decoded = []
+    real_decodes = Sink._decodes
+    monkeypatch.setattr(Sink, "_decodes", lambda self, rel: decoded.append(rel) or real_decodes(self, rel))
+    assert sink.written_ids(keep_text2img=True) == {"syn-benign-00000", "syn-malignant-00001"}
+    assert decoded == []  # a current journal: no image read
+    # a journal part written before the size columns existed: its rows are checked by decoding
+    old = next((tmp_path / "gen" / PARTS).iterdir())
+    pq.write_table(pq.read_table(old).drop_columns(["png_bytes", "text2img_png_bytes"]), old)
+    assert sink.written_ids() == {"syn-benign-00000", "syn-malignant-00001"}
+    assert sorted(decoded) == [f"{SAMPLES}/benign/syn-benign-00000.png",
+                               f"{SAMPLES}/malignant/syn-malignant-00001.png"]
+
+
 def test_the_layout_is_an_image_folder_with_imagefolder_metadata(tmp_path):
     from torchvision.datasets import ImageFolder
 

@@ -54,6 +54,33 @@ def test_images_do_not_depend_on_the_batch_they_land_in(stages):
     assert (whole["t2i_s"] > 0).all() and (whole["img2img_t1"] >= whole["img2img_t0"]).all()
 
 
+def test_each_distinct_prompt_is_encoded_once_and_images_match_diffusers_per_row(stages):
+    t2i, i2i = stages
+    b = _batch(6)  # 6 rows, 3 prompts
+    b["negative_prompt"] = np.array(["blurry", "", "blurry"] * 2)
+    rows_encoded: dict[str, list[int]] = {"t2i": [], "i2i": []}
+    hooks = [
+        stage.pipe.text_encoder.register_forward_hook(
+            lambda m, args, out, k=k: rows_encoded[k].append(len(args[0]))
+        )
+        for k, stage in (("t2i", t2i), ("i2i", i2i))
+    ]
+    try:
+        out = t2i(b)
+        refined = i2i(out)
+    finally:
+        for h in hooks:
+            h.remove()
+    # each stage encodes the 3 distinct (prompt, negative prompt) pairs once: prompts, then negatives
+    assert rows_encoded == {"t2i": [3, 3], "i2i": [3, 3]}
+    g = [torch.Generator("cpu").manual_seed(int(s)) for s in b["seed"]]
+    ref = t2i.pipe(prompt=list(b["prompt"]), negative_prompt=list(b["negative_prompt"]),
+                   num_inference_steps=4, guidance_scale=7.5, height=SIZE, width=SIZE, generator=g,
+                   output_type="np").images
+    np.testing.assert_array_equal(out["t2i"], (np.clip(ref, 0, 1) * 255).round().astype(np.uint8))
+    assert refined["refined"].shape == out["t2i"].shape
+
+
 def test_latent_handoff_skips_the_decode_encode_round_trip(stages):
     t2i, i2i = stages
     latent = Text2Img(MODEL, steps=4, guidance=7.5, size=SIZE, output="latent")(_batch(2))

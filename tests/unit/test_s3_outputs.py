@@ -4,6 +4,8 @@ work; an existing bucket is written as a local folder would be."""
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 from busdiff import storage
@@ -17,6 +19,20 @@ def test_an_existing_bucket_passes_and_is_written(s3):
     storage.check_output_uri("generate.out", f"s3://{BUCKET}/runs/gen")
     storage.write_text(f"s3://{BUCKET}/runs/gen/summary.json", "{}")
     assert list(s3.objects("runs/gen")) == ["runs/gen/summary.json"]
+
+
+def test_each_small_object_is_one_request(s3, caplog):
+    """A corpus is tens of thousands of PNGs: each is one PutObject, not a multipart upload (3 requests),
+    directory markers (a PUT per level) or a region lookup per file."""
+    storage.write_text(f"s3://{BUCKET}/corpus/plan.json", "{}")  # the bucket's filesystem, made once
+    caplog.set_level(logging.INFO, logger="werkzeug")  # the S3 server logs one line per request
+    caplog.clear()
+    for i in range(5):
+        storage.write_bytes(f"s3://{BUCKET}/corpus/samples/benign/{i}.png", b"\x89PNG" + bytes(200))
+    requests = [r.getMessage().split('"')[1] for r in caplog.records if r.name == "werkzeug"]
+    assert requests == [f"PUT /{BUCKET}/corpus/samples/benign/{i}.png HTTP/1.1" for i in range(5)]
+    pngs = [f"corpus/samples/benign/{i}.png" for i in range(5)]
+    assert sorted(s3.objects("corpus")) == ["corpus/plan.json", *pngs]
 
 
 def test_a_missing_bucket_is_refused_before_any_work(s3):

@@ -15,7 +15,8 @@ OUT/
 ``datasets.load_dataset("imagefolder", data_dir=OUT/samples)`` reads with the metadata columns.
 Every file is written atomically (:func:`busdiff.storage.write_bytes`) under a deterministic name; within
 a batch the PNGs are written before the journal part, so an id counts as written only when its journal
-row exists and its PNG decodes. A batch written twice (a retry after a lost actor) rewrites the same
+row exists and its PNG has the size the row records (rows of journals older than that column: when the PNG
+decodes). A batch written twice (a retry after a lost actor) rewrites the same
 part; rows are de-duplicated by id on read (the latest write wins), so a rerun never duplicates a row.
 """
 
@@ -58,6 +59,8 @@ SCHEMA = pa.schema(
         ("refine_seed", pa.int64()),  # img2img; -1 when refine is off
         ("source", pa.string()),  # the real image refined ("" for text2img)
         ("text2img_path", pa.string()),  # relative to OUT ("" unless keep_text2img)
+        ("png_bytes", pa.int64()),  # size of the PNG in samples/: a resume checks it against a listing
+        ("text2img_png_bytes", pa.int64()),  # size of the text2img PNG (0 unless keep_text2img)
         ("scheduler", pa.string()),
         ("steps", pa.int64()),
         ("guidance", pa.float64()),
@@ -153,35 +156,42 @@ class Sink:
             return False
 
     def written_ids(self, want: Iterable[str] | None = None, keep_text2img: bool = False) -> set[str]:
-        """Ids whose journal row exists and whose PNG (and text2img PNG with ``keep_text2img``) decodes;
-        only those in ``want`` when given."""
+        """Ids whose journal row exists and whose PNG (and text2img PNG with ``keep_text2img``) is there
+        with the size the row records, as one listing shows it (a truncated file is not written); rows
+        that record no size (older journals) count when their PNG decodes. Only ids in ``want`` when
+        given. Reads no image of a current journal: a resume of tens of thousands of images is a listing
+        and the journal."""
         meta = self.read_metadata()
         want = None if want is None else set(want)
-        todo = [
-            (i, f, t)
-            for i, f, t in zip(
-                meta["id"].to_pylist(),
-                meta["file_name"].to_pylist(),
-                meta["text2img_path"].to_pylist(),
-                strict=True,
+        columns = ["id", "file_name", "png_bytes", "text2img_path", "text2img_png_bytes"]
+        todo = []  # (id, [(rel, recorded size)]) of every wanted row
+        for i, name, size, t2i, t2i_size in zip(*(meta[c].to_pylist() for c in columns), strict=True):
+            if want is None or i in want:
+                extra = [(t2i or "-", t2i_size)] if keep_text2img else []
+                todo.append((i, [(f"{SAMPLES}/{name}", size), *extra]))
+        present = {f.path: f.size for d in (SAMPLES, TEXT2IMG) for f in self._list(d)}
+
+        def ok(files: list[tuple[str, int]]) -> bool:
+            sizes = [present.get(self._inner(rel)) for rel, _ in files]
+            return all(
+                size is not None and (size == recorded if recorded > 0 else self._decodes(rel))
+                for (rel, recorded), size in zip(files, sizes, strict=True)
             )
-            if want is None or i in want
-        ]
-        present = {f.path for f in self._list(SAMPLES)} | {f.path for f in self._list(TEXT2IMG)}
 
-        def ok(item: tuple[str, str, str]) -> bool:
-            _, file_name, t2i = item
-            rels = [f"{SAMPLES}/{file_name}"] + ([t2i or "-"] if keep_text2img else [])
-            return all(self._inner(r) in present and self._decodes(r) for r in rels)
-
-        with ThreadPoolExecutor(8) as pool:
-            return {item[0] for item, good in zip(todo, pool.map(ok, todo), strict=True) if good}
+        sized = [(i, f) for i, f in todo if all(recorded > 0 for _, recorded in f)]
+        unsized = [(i, f) for i, f in todo if not all(recorded > 0 for _, recorded in f)]
+        with ThreadPoolExecutor(8) as pool:  # reads and decodes, for rows that record no size only
+            decoded = list(pool.map(ok, (f for _, f in unsized)))
+        done = {i for i, f in sized if ok(f)}
+        return done | {i for (i, _), good in zip(unsized, decoded, strict=True) if good}
 
     # -- writing ---------------------------------------------------------------------------------------
-    def write_png(self, rel: str, image: np.ndarray) -> None:
+    def write_png(self, rel: str, image: np.ndarray) -> int:
+        """Writes the PNG; returns its size in bytes."""
         buf = io.BytesIO()
         Image.fromarray(np.asarray(image, dtype=np.uint8)).save(buf, format="PNG")
         write_bytes(self.url(rel), buf.getvalue())
+        return buf.getbuffer().nbytes
 
     def write_table(self, rel: str, table: pa.Table) -> None:
         buf = pa.BufferOutputStream()
@@ -253,12 +263,12 @@ def write_batch(
     labels = [str(c) for c in batch["label"]]
     final = batch["refined"] if "refined" in batch else batch["t2i"]
     n = len(ids)
-    t2i_paths = [""] * n
+    t2i_paths, t2i_bytes, png_bytes = [""] * n, [0] * n, [0] * n
     for k, (i, c) in enumerate(zip(ids, labels, strict=True)):
         if keep_text2img:
             t2i_paths[k] = f"{TEXT2IMG}/{Sink.image_name(c, i)}"
-            sink.write_png(t2i_paths[k], batch["t2i"][k])
-        sink.write_png(f"{SAMPLES}/{Sink.image_name(c, i)}", final[k])
+            t2i_bytes[k] = sink.write_png(t2i_paths[k], batch["t2i"][k])
+        png_bytes[k] = sink.write_png(f"{SAMPLES}/{Sink.image_name(c, i)}", final[k])
     now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     zeros = np.zeros(n)
     columns = {
@@ -271,6 +281,8 @@ def write_batch(
         "refine_seed": [int(s) for s in batch["refine_seed"]],
         "source": [str(s) for s in batch["source"]],
         "text2img_path": t2i_paths,
+        "png_bytes": png_bytes,
+        "text2img_png_bytes": t2i_bytes,
         **{
             k: [static[k]] * n
             for k in (

@@ -76,9 +76,27 @@ def load_stage_pipeline(
     return pipe
 
 
-def _negative(batch: dict[str, np.ndarray], n: int) -> list[str] | None:
-    neg = [str(p) for p in batch.get("negative_prompt", [""] * n)]
-    return neg if any(neg) else None  # None and "" give the same unconditional embedding
+def _prompt_embeds(pipe: Any, batch: dict[str, np.ndarray], guidance: float) -> dict[str, torch.Tensor]:
+    """The pipeline's ``prompt_embeds`` (and ``negative_prompt_embeds`` with guidance) for the batch, each
+    distinct (prompt, negative prompt) pair encoded once: a corpus has a few prompts over thousands of
+    rows, and tokenizing and encoding every row would cost more than a small model's sampling step."""
+    n = len(batch["id"])
+    pairs = list(zip((str(p) for p in batch["prompt"]),
+                     (str(p) for p in batch.get("negative_prompt", [""] * n)), strict=True))
+    distinct = list(dict.fromkeys(pairs))
+    neg = [q for _, q in distinct]
+    pos_embeds, neg_embeds = pipe.encode_prompt(
+        [p for p, _ in distinct],
+        pipe._execution_device,
+        1,
+        guidance > 1,  # diffusers' own test for classifier-free guidance
+        neg if any(neg) else None,  # None and "" give the same unconditional embedding
+    )
+    index = torch.tensor([distinct.index(pair) for pair in pairs])
+    out = {"prompt_embeds": pos_embeds[index]}
+    if neg_embeds is not None:
+        out["negative_prompt_embeds"] = neg_embeds[index]
+    return out
 
 
 class Text2Img:
@@ -112,8 +130,7 @@ class Text2Img:
         n = len(batch["id"])
         t0 = time.time()
         out = self.pipe(
-            prompt=[str(p) for p in batch["prompt"]],
-            negative_prompt=_negative(batch, n),
+            **_prompt_embeds(self.pipe, batch, self.guidance),
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             height=self.size,
@@ -170,8 +187,7 @@ class Img2Img:
         else:  # uint8 N×H×W×3 -> float N×3×H×W in [0, 1], what the image processor expects of tensors
             image = torch.tensor(batch["t2i"]).permute(0, 3, 1, 2).float() / 255
         out = self.pipe(
-            prompt=[str(p) for p in batch["prompt"]],
-            negative_prompt=_negative(batch, n),
+            **_prompt_embeds(self.pipe, batch, self.guidance),
             image=image,
             strength=self.strength,
             num_inference_steps=self.steps,
