@@ -26,14 +26,16 @@ browser:
 	  (apt-get update -qq && apt-get install -y -qq chromium >/dev/null) ; } || \
 	  echo "chromium not installed: page tests will be skipped"
 
-# tests/e2e (each module its own `ray start --head` on free ports, mostly waiting on jobs and servers) run
-# beside tests/unit + tests/ray (one shared local cluster); their log is printed when both are done.
+# tests/e2e (each module its own `ray start --head` on free ports, mostly waiting on jobs and servers) and
+# tests/multinode (several raylets of one ray.cluster_utils.Cluster, this process its driver) run beside
+# tests/unit + tests/ray (one shared local cluster); their log is printed when both are done.
 test: lint browser
 	@mkdir -p runs
-	@echo "tests/e2e run alongside, logging to runs/test-e2e.log (printed at the end)"
-	@$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider tests/e2e >runs/test-e2e.log 2>&1 & e2e=$$!; \
+	@echo "tests/e2e and tests/multinode run alongside, logging to runs/test-e2e.log (printed at the end)"
+	@$(BIN)/python -m pytest -q -ra --durations=10 -p no:cacheprovider tests/e2e tests/multinode \
+	  >runs/test-e2e.log 2>&1 & e2e=$$!; \
 	$(BIN)/python -m pytest -q -ra --durations=25 tests/unit tests/ray; s=$$?; \
-	wait $$e2e; e=$$?; echo "==== tests/e2e (exit $$e) ===="; cat runs/test-e2e.log; \
+	wait $$e2e; e=$$?; echo "==== tests/e2e tests/multinode (exit $$e) ===="; cat runs/test-e2e.log; \
 	exit $$(( s != 0 || e != 0 ))
 
 clean:

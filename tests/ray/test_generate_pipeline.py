@@ -23,10 +23,10 @@ from PIL import Image
 
 from busdiff.config import ConfigError, load_config
 from busdiff.generate.pipeline import format_summary, run_generate
-from busdiff.generate.plan import build_plan
 from busdiff.generate.sink import SAMPLES, Sink
 from busdiff.generate.stages import Img2Img, Text2Img
 from tests.conftest import REPO
+from tests.sinkcheck import assert_exactly_the_plan, pngs
 
 BASE = {
     "model": {"preset": "tiny", "device": "cpu"},
@@ -56,28 +56,9 @@ def _cfg(out: Path, *sets: str):
     return load_config(None, [*_sets(BASE), f"generate.out={out}", *sets])
 
 
-def _pngs(out: Path) -> list[Path]:
-    return sorted((out / SAMPLES).rglob("*.png"))
-
-
 def _snapshot(out: Path) -> dict[str, int]:
     """Every file with its modification time (summary.json too: a complete rerun leaves it as it is)."""
     return {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
-
-
-def _assert_exactly_the_plan(out: Path, cfg) -> None:
-    plan_ids = sorted(build_plan(cfg).ids)
-    pngs = _pngs(out)
-    assert sorted(p.stem for p in pngs) == plan_ids  # none missing, none extra
-    for p in pngs:
-        with Image.open(p) as im:
-            im.load()  # every PNG decodes
-    meta = pq.read_table(out / SAMPLES / "metadata.parquet")
-    assert sorted(meta["id"].to_pylist()) == plan_ids  # one row per image, no duplicate
-    # the journal as written, before any de-duplication: no image was made (and written) twice
-    journal = Counter(Sink(out).read_journal()["id"].to_pylist())
-    assert sorted(journal) == plan_ids and set(journal.values()) == {1}, journal.most_common(3)
-    assert not [p for p in out.rglob("*.tmp")]  # no half-written file left
 
 
 def test_rerun_writes_only_what_is_missing_and_nothing_when_complete(tmp_path):
@@ -92,7 +73,7 @@ def test_rerun_writes_only_what_is_missing_and_nothing_when_complete(tmp_path):
     assert (again.written, again.skipped) == (0, 6)
     assert _snapshot(out) == before, "a complete rerun rewrote files"
     assert "0 written, 6 skipped" in format_summary(again)
-    _assert_exactly_the_plan(out, _cfg(out, "generate.count=2"))
+    assert_exactly_the_plan(out, _cfg(out, "generate.count=2"))
     assert len(list((out / "text2img").rglob("*.png"))) == 6
 
     from torchvision.datasets import ImageFolder
@@ -156,7 +137,7 @@ def test_killing_a_generation_actor_mid_run_still_gives_exactly_the_plan(tmp_pat
     def kill_text2img_after_first_png() -> None:
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and not killed:
-            done = _pngs(out)
+            done = pngs(out)
             pids = _pids_of("MapBatches(Text2Img)") if done else []
             if pids:
                 os.kill(pids[0], signal.SIGKILL)
@@ -170,7 +151,7 @@ def test_killing_a_generation_actor_mid_run_still_gives_exactly_the_plan(tmp_pat
     assert killed, "the Text2Img actor was never seen"
     assert not psutil.pid_exists(killed["pid"]) or psutil.Process(killed["pid"]).status() == "zombie"
     assert res.written == 16 and res.skipped == 0
-    _assert_exactly_the_plan(out, cfg)
+    assert_exactly_the_plan(out, cfg)
     # the killed actor still had work: its replacement made some of the images
     workers = Counter(w.rsplit(":", 1)[1] for w in Sink(out).read_metadata()["text2img_worker"].to_pylist())
     assert 0 < workers.get(str(killed["pid"]), 0) < 16 and sum(workers.values()) == 16, (killed, workers)
@@ -205,7 +186,7 @@ def test_killing_the_driver_then_rerunning_ends_as_an_uninterrupted_run(tmp_path
         )
         try:
             deadline = time.monotonic() + 240
-            while len(_pngs(out)) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            while len(pngs(out)) < 2 and driver.poll() is None and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert driver.poll() is None, (
                 "the driver ended before it could be killed:\n"
@@ -215,12 +196,12 @@ def test_killing_the_driver_then_rerunning_ends_as_an_uninterrupted_run(tmp_path
         finally:
             driver.kill()
             driver.wait(timeout=30)
-    left = len(_pngs(out))
+    left = len(pngs(out))
     assert 2 <= left < 14, f"{left} PNGs when the driver was killed"
 
     res = run_generate(cfg)
     assert res.planned == 14 and res.skipped + res.written == 14 and res.skipped >= 1
-    _assert_exactly_the_plan(out, cfg)
+    assert_exactly_the_plan(out, cfg)
     assert run_generate(cfg).written == 0
 
     # the resumed sink holds what an uninterrupted run makes: check ids written before and after the kill
