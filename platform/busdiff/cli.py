@@ -11,7 +11,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from busdiff.cliconfig import command_config, shipped_configs
+from busdiff.cliconfig import command_config, connect_for, shipped_configs
 from busdiff.config import (
     BusdiffConfig,
     ConfigError,
@@ -135,14 +135,12 @@ def _cmd_generate(a: argparse.Namespace) -> int:
 
     from busdiff.generate.pipeline import finished_result, format_finished, format_summary, run_generate
     from busdiff.generate.plan import build_plan
-    from busdiff.raycluster import connect
 
     plan = build_plan(cfg)  # bad config or adapters: an error naming the field, before Ray starts
     if (done := finished_result(cfg, plan)) is not None:  # a rerun of finished work: no Ray, no writes
         print(f"{format_finished(done, plan)}\n{format_summary(done)}", flush=True)
         return 0
-    resources = connect(cfg.ray)
-    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    connect_for(cfg, "generate")
     print(format_summary(run_generate(cfg, plan, check_finished=False)), flush=True)
     return 0
 

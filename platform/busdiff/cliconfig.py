@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 from busdiff.config import BusdiffConfig, ConfigError, check_model_base, load_config
 from busdiff.estimate import cpu_estimate
-from busdiff.jobpaths import check_job_paths, check_object_store_outputs
+from busdiff.jobpaths import check_job_paths, check_node_local_outputs, check_object_store_outputs
 
 CONFIGS = Path(__file__).resolve().parents[2] / "jobs" / "configs"
 
@@ -64,3 +65,20 @@ def command_config(config: str | None, overrides: list[str], command: str) -> Bu
     if warning:
         print(warning, file=sys.stderr, flush=True)
     return cfg
+
+
+def connect_for(cfg: BusdiffConfig, command: str) -> dict[str, Any]:
+    """Connect to Ray (:func:`busdiff.raycluster.connect`), say what the cluster has, and refuse outputs
+    on this machine's own disk when other hosts' workers would write them
+    (:func:`busdiff.jobpaths.check_node_local_outputs`); returns the cluster's resources."""
+    import ray
+
+    from busdiff.raycluster import connect
+
+    resources = connect(cfg.ray)
+    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    nodes = ray.nodes()
+    me = ray.get_runtime_context().get_node_id()  # the driver's node, as the cluster itself names it
+    here = next((n["NodeManagerAddress"] for n in nodes if n["NodeID"] == me), "")
+    check_node_local_outputs(cfg, command, nodes, here)
+    return resources

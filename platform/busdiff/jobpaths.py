@@ -10,6 +10,7 @@ path means the current directory, as everywhere.
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -92,3 +93,29 @@ def check_object_store_outputs(cfg: BusdiffConfig, command: str) -> None:
         value = _get(cfg, field)
         if output and isinstance(value, str):
             check_output_uri(field, value)
+
+
+def check_node_local_outputs(
+    cfg: BusdiffConfig, command: str, nodes: list[dict[str, Any]], here: str
+) -> None:
+    """Refuse an output of ``command`` on this machine's own disk (a relative path, or one under /tmp) when
+    the cluster has alive nodes on other hosts (``nodes``: ``ray.nodes()``; ``here``: this node's IP):
+    their workers would write to their own disks, and the files would be found missing only at the end.
+    URIs and other absolute paths (maybe a shared mount: that cannot be told from here) pass."""
+    others = sorted({n["NodeManagerAddress"] for n in nodes if n.get("Alive")} - {here})
+    if not others:
+        return
+    tmp = [Path(tempfile.gettempdir()).resolve(), Path("/tmp").resolve()]
+    for field, output in _FIELDS.get(command, ()):
+        value = _get(cfg, field)
+        if not output or not isinstance(value, str) or "://" in value.removeprefix("file://"):
+            continue
+        path = Path(value.removeprefix("file://")).expanduser()
+        if path.is_absolute() and not any(path.resolve().is_relative_to(t) for t in tmp):
+            continue
+        where = "a relative path" if not path.is_absolute() else "under /tmp"
+        raise ConfigError(
+            f"{field}={value!r} is {where}, on this machine's own disk, but the cluster has nodes on "
+            f"{len(others)} other host(s) ({', '.join(others[:3])}) whose workers would write to their own "
+            f"disks: give an s3:// URI or a path on storage every node mounts (--set {field}=s3://BUCKET/...)"
+        )

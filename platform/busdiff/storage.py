@@ -26,8 +26,9 @@ def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
     if uri.startswith("s3://"):
         rest, _, query = uri.removeprefix("s3://").partition("?")
         bucket, _, key = rest.partition("/")
-        env = tuple(os.environ.get(k) for k in _AWS_ENV)
-        fs = _s3_filesystem(bucket, query or "allow_delayed_open=true", env)
+        if "allow_delayed_open" not in query:
+            query = "&".join(q for q in (query, "allow_delayed_open=true") if q)
+        fs = _s3_filesystem(bucket, query, tuple(os.environ.get(k) for k in _AWS_ENV))
         return fs, f"{bucket}/{key}".rstrip("/")
     return pafs.FileSystem.from_uri(uri)
 

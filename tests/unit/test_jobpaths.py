@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 from busdiff.config import ConfigError, load_config
-from busdiff.jobpaths import JOB_ENV, check_job_paths
+from busdiff.jobpaths import JOB_ENV, check_job_paths, check_node_local_outputs
 
 
 @pytest.fixture
@@ -70,3 +70,31 @@ def test_home_paths_pass_and_a_flag_is_named_as_a_flag(in_job):
         check_job_path("--json", "r.json", output=True)
     with pytest.raises(ConfigError, match="relative path"):
         check_job_path("generate.out", "file://runs/x", output=True)
+
+
+def _nodes(*ips: str, dead: tuple[str, ...] = ()) -> list[dict]:
+    return [{"NodeManagerAddress": ip, "Alive": True} for ip in ips] + [
+        {"NodeManagerAddress": ip, "Alive": False} for ip in dead
+    ]
+
+
+def test_outputs_on_this_machines_disk_are_refused_when_other_hosts_would_write_them():
+    for out, where in (("runs/gen", "a relative path"), ("/tmp/busdiff/gen", "under /tmp")):
+        cfg = load_config(None, [f"generate.out={out}"])
+        with pytest.raises(ConfigError) as e:
+            check_node_local_outputs(cfg, "generate", _nodes("10.0.0.1", "10.0.0.7"), here="10.0.0.1")
+        msg = str(e.value)
+        assert msg.startswith(f"generate.out='{out}' is {where}, on this machine's own disk")
+        assert "1 other host(s) (10.0.0.7)" in msg and "s3://" in msg
+
+
+def test_shared_outputs_and_one_host_clusters_pass():
+    nodes = _nodes("10.0.0.1", "10.0.0.7")
+    for out in ("s3://bucket/gen", "/shared/busdiff/gen"):  # a URI, or maybe a shared mount
+        check_node_local_outputs(load_config(None, [f"generate.out={out}"]), "generate", nodes, "10.0.0.1")
+    local = load_config(None, ["generate.out=/tmp/gen", "study.out=runs/study"])
+    # several raylets on one host (tests/multinode), or another host's node that is gone: same disk
+    one_host = _nodes("10.0.0.1", "10.0.0.1", dead=("10.0.0.7",))
+    check_node_local_outputs(local, "generate", one_host, "10.0.0.1")
+    with pytest.raises(ConfigError, match=r"^study.out='runs/study' is a relative path"):
+        check_node_local_outputs(local, "study", nodes, "10.0.0.1")

@@ -8,7 +8,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from busdiff.cliconfig import command_config
+from busdiff.cliconfig import command_config, connect_for
 from busdiff.config import CLASSES, BusdiffConfig
 
 
@@ -33,10 +33,8 @@ def _cmd_evaluate(a: argparse.Namespace) -> int:
     _check_inputs(cfg)
 
     from busdiff.evaluate.run import run_evaluate, summary_lines
-    from busdiff.raycluster import connect
 
-    resources = connect(cfg.ray)
-    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    connect_for(cfg, "evaluate")
     res = run_evaluate(cfg)
     print("\n".join(summary_lines(res.metrics)))
     print(f"metrics: {res.metrics_path}\nreport:  {res.report_path}\n({res.seconds:.0f} s)")

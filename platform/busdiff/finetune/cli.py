@@ -10,7 +10,7 @@ from typing import Any
 
 
 def _cmd_finetune(a: argparse.Namespace) -> int:
-    from busdiff.cliconfig import command_config
+    from busdiff.cliconfig import command_config, connect_for
 
     cfg = command_config(a.config, a.overrides, "finetune")  # config errors before the heavy imports
 
@@ -25,11 +25,9 @@ def _cmd_finetune(a: argparse.Namespace) -> int:
         return 0
 
     from busdiff.finetune.trainer import FinetuneError, prepare, run_finetune
-    from busdiff.raycluster import connect
 
     prepared = prepare(cfg)  # bad input: an error naming the field, before Ray starts
-    resources = connect(cfg.ray)
-    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    connect_for(cfg, "finetune")
     if prepared.resumable:
         print(f"{prepared.out} holds this run: resuming from its latest checkpoint", flush=True)
     try:

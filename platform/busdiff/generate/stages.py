@@ -83,7 +83,8 @@ def _prompt_embeds(pipe: Any, batch: dict[str, np.ndarray], guidance: float) -> 
     n = len(batch["id"])
     pairs = list(zip((str(p) for p in batch["prompt"]),
                      (str(p) for p in batch.get("negative_prompt", [""] * n)), strict=True))
-    distinct = list(dict.fromkeys(pairs))
+    where = {pair: k for k, pair in enumerate(dict.fromkeys(pairs))}  # first-seen order
+    distinct = list(where)
     neg = [q for _, q in distinct]
     pos_embeds, neg_embeds = pipe.encode_prompt(
         [p for p, _ in distinct],
@@ -92,7 +93,7 @@ def _prompt_embeds(pipe: Any, batch: dict[str, np.ndarray], guidance: float) -> 
         guidance > 1,  # diffusers' own test for classifier-free guidance
         neg if any(neg) else None,  # None and "" give the same unconditional embedding
     )
-    index = torch.tensor([distinct.index(pair) for pair in pairs])
+    index = torch.tensor([where[pair] for pair in pairs])
     out = {"prompt_embeds": pos_embeds[index]}
     if neg_embeds is not None:
         out["negative_prompt_embeds"] = neg_embeds[index]

@@ -13,17 +13,15 @@ def _cmd_study(a: argparse.Namespace) -> int:
 
 def run_study_command(config: str | None, overrides: list[str]) -> int:
     """``busdiff study`` (and ``busdiff demo``): check the plan, connect to Ray, run, print where it is."""
-    from busdiff.cliconfig import command_config
+    from busdiff.cliconfig import command_config, connect_for
 
     cfg = command_config(config, overrides, "study")  # config errors before the heavy imports
 
-    from busdiff.raycluster import connect
     from busdiff.study.plan import build_study_plan
     from busdiff.study.run import run_study
 
     build_study_plan(cfg)  # bad configurations: an error naming the field, before Ray starts
-    resources = connect(cfg.ray)
-    print(f"connected to Ray: {resources.get('CPU', 0):g} CPUs, {resources.get('GPU', 0):g} GPUs", flush=True)
+    connect_for(cfg, "study")
     res = run_study(cfg)
     print(f"study: {len(res.ran)} stage runs done now, {len(res.skipped)} already finished; "
           f"{res.seconds:.1f} s", flush=True)
