@@ -126,7 +126,7 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient-checkpointing", nargs="+", choices=["off", "on"], default=["off"])
-    p.add_argument("--workers", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="Ray Train workers; 0: no Ray")
     p.add_argument("--steps", type=int, default=110, help="optimizer steps per run, warm-up included")
     p.add_argument(
         "--warmup", type=int, default=10, help="steps left out of the timing (also the log interval)"
@@ -142,7 +142,6 @@ def main() -> int:
 
     from busdiff.config import load_config
     from busdiff.data.phantom import write_phantom
-    from busdiff.raycluster import connect
 
     if a.device == "cuda" and not torch.cuda.is_available():
         print("--device cuda: no CUDA device here", file=sys.stderr)
@@ -151,9 +150,13 @@ def main() -> int:
     torch.set_num_threads(max(1, int(a.cpus_per_worker)))
     tmp = Path(tempfile.mkdtemp(prefix="busdiff-ftbench-"))
     root = tmp / "busi"
-    need = a.batch_size * max(a.workers)
+    need = a.batch_size * max(1, *a.workers)
     write_phantom(root, max(2, math.ceil(need / 3 / 0.7) + 1), seed=0, size=max(64, a.resolution))
-    connect(load_config(None, overrides(a, root, tmp / "x", 1, False)).ray)
+    a.workers = [w for w in a.workers if w > 0]  # --workers 0: the plain loop alone, no Ray (a GPU image
+    if a.workers:  # without ray)
+        from busdiff.raycluster import connect
+
+        connect(load_config(None, overrides(a, root, tmp / "x", 1, False)).ray)
 
     results = []
     for gc in a.gradient_checkpointing:
