@@ -30,7 +30,7 @@ def test_runs_on_a_lost_node_are_retried_and_all_reported(cluster, add_node, tmp
     splits = [[item_of(r) for r in select(recs, [s])] for s in ("train", "val", "test")]
     inputs = ClassifierInputs(*splits, syn)
     cfg = ClassifierConfig(
-        image_size=32, epochs=2, batch_size=4, ratios=[0, 1], seeds=[0, 1, 2], max_retries=2, device="cpu"
+        image_size=32, epochs=1, batch_size=4, ratios=[0, 1], seeds=[0, 1, 2], max_retries=2, device="cpu"
     )
     first = add_node(num_cpus=2)
     result: dict[str, object] = {}
