@@ -88,7 +88,7 @@ def test_serve_run_refuses_a_remote_http_host_without_token(ray_head, tmp_path):
     with _serve_run(ray_head, _serve_config(tmp_path, port, host="0.0.0.0")):
         deadline, status = time.monotonic() + 240, {}
         while time.monotonic() < deadline and status.get("status") not in ("RUNNING", "DEPLOY_FAILED"):
-            time.sleep(2)
+            time.sleep(5)  # each `serve status` is a Python process importing Ray: seconds of CPU
             out = subprocess.run(
                 [str(BIN / "serve"), "status", "-a", ray_head.address],
                 env=_env(ray_head),
