@@ -36,12 +36,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int) -> list[int]:
+    """``n`` distinct free ports: the OS may hand a port just freed out again (seen in CI)."""
+    ports: set[int] = set()
+    while len(ports) < n:
+        ports.add(free_port())
+    return sorted(ports)
+
+
 class RayHead:
     def __init__(self, num_cpus: int = 2, object_store_memory: int = 300 * 1024**2) -> None:
         self.num_cpus = num_cpus
         self.object_store_memory = object_store_memory
-        self.port = free_port()
-        self.dashboard_port = free_port()
+        self.port, self.dashboard_port, *self._fixed_ports = free_ports(2 + len(FIXED_DEFAULT_PORTS))
         # Short path: Ray's Unix socket paths must stay under ~107 characters.
         self.temp_dir = tempfile.mkdtemp(prefix="bdr", dir="/tmp")
         env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
@@ -75,7 +82,8 @@ class RayHead:
         ]
         # Ports with fixed defaults (agent 52365, client server 10001, ...) clash with any other Ray
         # cluster on this machine, such as the tests' shared one: the job agent then never comes up.
-        cmd += [f"--{name}-port={free_port()}" for name in FIXED_DEFAULT_PORTS]
+        fixed = zip(FIXED_DEFAULT_PORTS, self._fixed_ports, strict=True)
+        cmd += [f"--{name}-port={port}" for name, port in fixed]
         try:
             proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
             if proc.returncode != 0:

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.e2e.harness import free_port
+from tests.e2e.harness import free_ports
 
 _NAMES = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port",
           "ray_client_server_port")
@@ -19,10 +19,7 @@ def _own_ports() -> dict[str, int]:
     """Ports with fixed defaults (agent 52365, client server 10001, ...) would clash with any other Ray
     cluster on this machine, such as tests/ray's shared one in the other lane. Distinct: the OS may hand
     out a port just freed again (seen in CI: the client server and the agent on one port)."""
-    ports: set[int] = set()
-    while len(ports) < len(_NAMES):
-        ports.add(free_port())
-    return dict(zip(_NAMES, sorted(ports), strict=True))
+    return dict(zip(_NAMES, free_ports(len(_NAMES)), strict=True))
 
 
 @pytest.fixture(scope="package")
