@@ -152,8 +152,8 @@ def main() -> int:
     root = tmp / "busi"
     need = a.batch_size * max(1, *a.workers)
     write_phantom(root, max(2, math.ceil(need / 3 / 0.7) + 1), seed=0, size=max(64, a.resolution))
-    a.workers = [w for w in a.workers if w > 0]  # --workers 0: the plain loop alone, no Ray (a GPU image
-    if a.workers:  # without ray)
+    a.workers = [w for w in a.workers if w > 0]  # --workers 0: the plain loop alone (a GPU image has no Ray)
+    if a.workers:
         from busdiff.raycluster import connect
 
         connect(load_config(None, overrides(a, root, tmp / "x", 1, False)).ray)

@@ -178,12 +178,12 @@ class Sink:
                 for (rel, recorded), size in zip(files, sizes, strict=True)
             )
 
-        sized = [(i, f) for i, f in todo if all(recorded > 0 for _, recorded in f)]
-        unsized = [(i, f) for i, f in todo if not all(recorded > 0 for _, recorded in f)]
+        unsized = [(i, f) for i, f in todo if any(recorded <= 0 for _, recorded in f)]
         with ThreadPoolExecutor(8) as pool:  # reads and decodes, for rows that record no size only
-            decoded = list(pool.map(ok, (f for _, f in unsized)))
-        done = {i for i, f in sized if ok(f)}
-        return done | {i for (i, _), good in zip(unsized, decoded, strict=True) if good}
+            decoded = {i for (i, _), good in zip(unsized, pool.map(ok, (f for _, f in unsized)), strict=True)
+                       if good}
+        unsized_ids = {i for i, _ in unsized}
+        return decoded | {i for i, f in todo if i not in unsized_ids and ok(f)}
 
     # -- writing ---------------------------------------------------------------------------------------
     def write_png(self, rel: str, image: np.ndarray) -> int:
