@@ -1,10 +1,13 @@
 """A real Ray head for end-to-end tests: ``ray start --head`` on this machine with bounded CPUs,
 ``ray job submit`` through its job API on 127.0.0.1, and a stop that ends only this head's processes
-(``ray stop`` would also end any other Ray cluster on the machine, such as the tests' shared one)."""
+(``ray stop`` would also end any other Ray cluster on the machine, such as the tests' shared one).
+With ``autoscaling=`` a cluster config on Ray's fake multi-node provider (tests/e2e/fake-cluster.yaml), the
+head runs the autoscaler, which starts and stops worker raylets on this machine as demand asks."""
 
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -14,8 +17,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import psutil
+import yaml
 
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -45,8 +50,14 @@ def free_ports(n: int) -> list[int]:
 
 
 class RayHead:
-    def __init__(self, num_cpus: int = 2, object_store_memory: int = 300 * 1024**2) -> None:
+    def __init__(
+        self,
+        num_cpus: int = 2,
+        object_store_memory: int = 300 * 1024**2,
+        autoscaling: dict[str, Any] | None = None,
+    ) -> None:
         self.num_cpus = num_cpus
+        self.autoscaling = autoscaling
         self.object_store_memory = object_store_memory
         self.port, self.dashboard_port, *self._fixed_ports = free_ports(2 + len(FIXED_DEFAULT_PORTS))
         # Short path: Ray's Unix socket paths must stay under ~107 characters.
@@ -58,6 +69,9 @@ class RayHead:
         # writes one); say so explicitly, with a token of this head's own, for the head and its clients.
         env["RAY_AUTH_MODE"] = "token"
         env["RAY_AUTH_TOKEN"] = secrets.token_hex(32)
+        if autoscaling is not None:
+            # the fake provider refuses to run without RAY_FAKE_CLUSTER; the autoscaler looks every second
+            env.update(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
         self.env = env
 
     @property
@@ -84,6 +98,12 @@ class RayHead:
         # cluster on this machine, such as the tests' shared one: the job agent then never comes up.
         fixed = zip(FIXED_DEFAULT_PORTS, self._fixed_ports, strict=True)
         cmd += [f"--{name}-port={port}" for name, port in fixed]
+        if self.autoscaling is not None:
+            config = {**self.autoscaling}
+            config["provider"] = {**config["provider"], "gcs_address": f"127.0.0.1:{self.port}"}
+            path = Path(self.temp_dir) / "autoscaling.yaml"
+            path.write_text(yaml.safe_dump(config))
+            cmd.append(f"--autoscaling-config={path}")
         try:
             proc = subprocess.run(cmd, env=self.env, capture_output=True, text=True, timeout=180)
             if proc.returncode != 0:
@@ -119,6 +139,11 @@ class RayHead:
                 f"ray {' '.join(args)} -> {r.returncode}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
             )
         return r
+
+    def nodes(self) -> list[dict[str, Any]]:
+        """``ray list nodes --detail``: every node this head has known, the dead included."""
+        r = self.ray("list", "nodes", "--detail", "--format=json", "--limit=1000", timeout=60)
+        return json.loads(r.stdout)
 
     def submit(
         self, *entrypoint: str, check: bool = True, timeout: float = 600
