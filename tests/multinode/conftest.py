@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from tests.e2e.harness import free_ports
+from tests.e2e.harness import free_port, free_ports
 
 _NAMES = ("dashboard_agent_listen_port", "metrics_export_port", "runtime_env_agent_port",
           "ray_client_server_port")
@@ -32,13 +32,18 @@ def cluster():
         initialize_head=True,
         head_node_args={
             "num_cpus": 0,
-            "include_dashboard": False,
+            # Ray Train's controller asks the dashboard's state API about its workers
+            "include_dashboard": True,
+            "dashboard_host": "127.0.0.1",
+            "dashboard_port": free_port(),
             # a lost node is declared dead after ~3 s (Ray's default: 30 s of missed health checks)
             "_system_config": {"health_check_period_ms": 1000, "health_check_failure_threshold": 3},
             **_own_ports(),
         },
     )
-    ray.init(address=c.address, log_to_driver=False, configure_logging=False)
+    # as busdiff's connect() does: workers' RAY_ADDRESS names this cluster, not a guess among several
+    hook = {"worker_process_setup_hook": "busdiff.raycluster.know_own_cluster"}
+    ray.init(address=c.address, log_to_driver=False, configure_logging=False, runtime_env=hook)
     yield c
     ray.shutdown()
     c.shutdown()
