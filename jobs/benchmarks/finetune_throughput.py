@@ -1,10 +1,12 @@
 """Fine-tuning throughput: the Ray Train loop against a plain single-process loop doing the same steps on
 the same model (busdiff.finetune.plain: same FinetuneModel, micro-batches, noise and optimizer), in
-samples/s after warm-up, with 1 and 2 Ray Train workers, with and without gradient checkpointing.
+samples/s after warm-up, with 1 and 2 Ray Train workers, with and without gradient checkpointing and cached
+latents (``--cache-latents off on``: each image VAE-encoded once per run instead of at every step).
 
     python jobs/benchmarks/finetune_throughput.py                       # tiny preset, CPU, 64 px
     python jobs/benchmarks/finetune_throughput.py --device cuda --preset sd15-shape --resolution 512 \
-        --batch-size 4 --mixed-precision bf16 --gradient-checkpointing off on --workers 1
+        --batch-size 4 --mixed-precision bf16 --gradient-checkpointing off on --cache-latents off on \
+        --workers 1
 
 On a GPU it also records peak GPU memory (torch.cuda.max_memory_allocated) of both loops.
 Writes runs/benchmarks/finetune_throughput.json and prints a table.
@@ -27,7 +29,9 @@ from pathlib import Path
 RESULT = Path("runs/benchmarks/finetune_throughput.json")
 
 
-def overrides(a: argparse.Namespace, root: Path, out: Path, workers: int, checkpointing: bool) -> list[str]:
+def overrides(
+    a: argparse.Namespace, root: Path, out: Path, workers: int, checkpointing: bool, cache: bool = False
+) -> list[str]:
     use_gpu = a.device == "cuda"
     return [
         f"data.root={root}",
@@ -41,6 +45,7 @@ def overrides(a: argparse.Namespace, root: Path, out: Path, workers: int, checkp
         f"finetune.resolution={a.resolution}",
         f"finetune.mixed_precision={a.mixed_precision}",
         f"finetune.gradient_checkpointing={str(checkpointing).lower()}",
+        f"finetune.cache_latents={str(cache).lower()}",
         f"finetune.log_every={a.warmup}",
         f"finetune.report_every={a.report_every}",
         "finetune.checkpoint_every=0",
@@ -126,6 +131,7 @@ def main() -> int:
     p.add_argument("--rank", type=int, default=4)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--gradient-checkpointing", nargs="+", choices=["off", "on"], default=["off"])
+    p.add_argument("--cache-latents", nargs="+", choices=["off", "on"], default=["off"])
     p.add_argument("--workers", nargs="+", type=int, default=[1, 2], help="Ray Train workers; 0: no Ray")
     p.add_argument("--steps", type=int, default=110, help="optimizer steps per run, warm-up included")
     p.add_argument(
@@ -159,10 +165,10 @@ def main() -> int:
         connect(load_config(None, overrides(a, root, tmp / "x", 1, False)).ray)
 
     results = []
-    for gc in a.gradient_checkpointing:
-        checkpointing = gc == "on"
-        cfg1 = load_config(None, overrides(a, root, tmp / "unused", 1, checkpointing))
-        row: dict = {"gradient_checkpointing": checkpointing, "plain": []}
+    for gc, cl in [(gc, cl) for gc in a.gradient_checkpointing for cl in a.cache_latents]:
+        checkpointing, cache = gc == "on", cl == "on"
+        cfg1 = load_config(None, overrides(a, root, tmp / "unused", 1, checkpointing, cache))
+        row: dict = {"gradient_checkpointing": checkpointing, "cache_latents": cache, "plain": []}
         usable = [w for w in a.workers if a.device != "cuda" or w <= torch.cuda.device_count()]
         for w in set(a.workers) - set(usable):
             row[f"ray_{w}w"] = {"skipped": f"{w} workers need {w} GPUs; {torch.cuda.device_count()} here"}
@@ -172,7 +178,8 @@ def main() -> int:
         for i in range(a.repeats):
             row["plain"].append(plain(cfg1, a.warmup))
             for w in usable:
-                cfg = load_config(None, overrides(a, root, tmp / f"ray-{gc}-{w}-{i}", w, checkpointing))
+                out = tmp / f"ray-{gc}-{cl}-{w}-{i}"
+                cfg = load_config(None, overrides(a, root, out, w, checkpointing, cache))
                 row[f"ray_{w}w"]["runs"].append(on_ray(cfg))
         row["plain_samples_per_s"] = statistics.median(r["samples_per_s"] for r in row["plain"])
         for w in usable:
@@ -201,23 +208,24 @@ def main() -> int:
         f"\nfine-tuning throughput, {a.preset} {a.resolution}px batch {a.batch_size}/worker LoRA r{a.rank} "
         f"{a.mixed_precision}, {a.steps} steps ({a.warmup} warm-up) on {doc['machine']}"
     )
-    print(f"{'grad ckpt':<10}{'loop':<16}{'samples/s':>10}{'vs plain':>10}{'peak GiB':>10}")
+    print(f"{'grad ckpt':<10}{'cached':<8}{'loop':<16}{'samples/s':>10}{'vs plain':>10}{'peak GiB':>10}")
     for row in results:
-        gc = "on" if row["gradient_checkpointing"] else "off"
+        gc, cl = ("on" if row[k] else "off" for k in ("gradient_checkpointing", "cache_latents"))
+        lead = f"{gc:<10}{cl:<8}"
         peak = row["plain"][0].get("gpu_peak_gib")
         print(
-            f"{gc:<10}{'plain (1 proc)':<16}{row['plain_samples_per_s']:>10.2f}{1.0:>10.2f}"
+            f"{lead}{'plain (1 proc)':<16}{row['plain_samples_per_s']:>10.2f}{1.0:>10.2f}"
             f"{(f'{peak:.2f}' if peak else '-'):>10}"
         )
         for w in a.workers:
             r = row.get(f"ray_{w}w", {})
             if "samples_per_s" not in r:
-                print(f"{gc:<10}{f'ray train {w}w':<16}{'skipped: ' + r.get('skipped', ''):>30}")
+                print(f"{lead}{f'ray train {w}w':<16}{'skipped: ' + r.get('skipped', ''):>30}")
                 continue
             peak = r["runs"][0].get("gpu_peak_gib")
             vs = r["ratio_vs_plain"]
             peak_txt = f"{peak:.2f}" if peak else "-"
-            print(f"{gc:<10}{f'ray train {w}w':<16}{r['samples_per_s']:>10.2f}{vs:>10.2f}{peak_txt:>10}")
+            print(f"{lead}{f'ray train {w}w':<16}{r['samples_per_s']:>10.2f}{vs:>10.2f}{peak_txt:>10}")
     print(f"result: {a.out}")
     shutil.rmtree(tmp, ignore_errors=True)
     return 0

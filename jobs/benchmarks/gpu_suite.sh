@@ -54,9 +54,10 @@ run() {  # name, script, args...: the benchmark under a time limit; its JSON goe
   echo "gpu_suite: $name exit $rc in $((SECONDS - t0)) s (log: $work/$name.log)"
   results+=("$name:$rc:$((SECONDS - t0))")
 }
-# fine-tuning sd15-shape 512 px bf16, with and without gradient checkpointing (plain loop: no Ray here)
-run finetune jobs/benchmarks/finetune_throughput.py "${FT[@]}" --gradient-checkpointing off on --workers 0 \
-  --repeats 1 --out "$work/finetune.json"
+# fine-tuning sd15-shape 512 px bf16, with and without gradient checkpointing and cached latents (plain loop:
+# no Ray here)
+run finetune jobs/benchmarks/finetune_throughput.py "${FT[@]}" --gradient-checkpointing off on \
+  --cache-latents off on --workers 0 --repeats 1 --out "$work/finetune.json"
 # generation: the paper's way (batch 1, fp16) against busdiff's best (batched, bf16, compiled, latent hand-off)
 run generate jobs/benchmarks/generate_throughput.py "${GEN[@]}" --json "$work/generate.json"
 # evaluation: Inception features/s, cold and from the cache, and a whole evaluation twice

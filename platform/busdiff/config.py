@@ -217,6 +217,11 @@ class FinetuneConfig(_Strict):
         "fp16", description="fp16: GPU only (fp32 on a CPU); bf16: GPU or CPU"
     )
     gradient_checkpointing: bool = False
+    cache_latents: bool = Field(
+        False,
+        description="VAE-encode each distinct training image (and its flip) once per run, reused across "
+        "epochs and phases; the latent is still sampled anew each step (center crop only)",
+    )
     lr_scheduler: Literal["constant", "constant_with_warmup", "linear", "cosine"] = "constant"
     lr_warmup_steps: int = Field(0, ge=0)
     snr_gamma: float | None = Field(None, gt=0, description="min-SNR loss weighting (5.0 is common)")
@@ -241,6 +246,14 @@ class FinetuneConfig(_Strict):
     @classmethod
     def _yaml_no(cls, v: Any) -> Any:
         return "no" if v is False else v  # YAML reads a bare `no` as false
+
+    @model_validator(mode="after")
+    def _cache_needs_center_crop(self) -> FinetuneConfig:
+        if self.cache_latents and self.crop == "random":
+            raise ValueError("cache_latents needs crop: center (every random crop is another image to "
+                             "encode, the cache would never be reused): set crop=center or "
+                             "cache_latents=false")
+        return self
 
     @field_validator("resolution")
     @classmethod

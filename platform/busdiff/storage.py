@@ -1,10 +1,11 @@
-"""Outputs on local disk or any pyarrow filesystem URI (s3://, gs://), written so that a crash never
-leaves a half-written file: local writes go to a temporary name and are renamed into place; object
-stores only publish an object when its upload completes."""
+"""Files on local disk or any pyarrow filesystem URI (s3://, gs://): read, listed, and written so that a
+crash never leaves a half-written file: local writes go to a temporary name and are renamed into place;
+object stores only publish an object when its upload completes."""
 
 from __future__ import annotations
 
 import functools
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -12,8 +13,56 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 
-def _is_uri(path: str) -> bool:
+def is_uri(path: str | Path) -> bool:
+    """A filesystem URI (s3://...), not a local path (``file://`` counts as local)."""
+    path = str(path)
     return "://" in path and not path.startswith("file://")
+
+
+def local_path(path: str | Path) -> Path:
+    """A local path or ``file://`` URI as a Path, ``~`` expanded."""
+    return Path(str(path).removeprefix("file://")).expanduser()
+
+
+def read_bytes(path: str | Path) -> bytes | None:
+    """The file's bytes, or None when there is no file there."""
+    if not is_uri(path):
+        p = local_path(path)
+        return p.read_bytes() if p.is_file() else None
+    fs, inner = filesystem_for(str(path))
+    try:
+        with fs.open_input_stream(inner) as f:
+            return f.read()
+    except FileNotFoundError:
+        return None
+
+
+def readable(path: str | Path) -> str | io.BytesIO:
+    """What ``PIL.Image.open`` or ``np.load`` takes for ``path``: a local path as it is, a URI's bytes in
+    memory (FileNotFoundError when there is no such object)."""
+    if not is_uri(path):
+        return str(local_path(path))
+    data = read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(f"{path}: no such object")
+    return io.BytesIO(data)
+
+
+def list_dir(path: str | Path) -> tuple[list[str], list[str]] | None:
+    """``(files, folders)``: the sorted names directly in the folder ``path`` (on an object store, the
+    keys and common prefixes under ``path/``), or None when there is no such folder."""
+    if not is_uri(path):
+        p = local_path(path)
+        if not p.is_dir():
+            return None
+        entries = list(p.iterdir())
+        return sorted(e.name for e in entries if e.is_file()), sorted(e.name for e in entries if e.is_dir())
+    fs, inner = filesystem_for(str(path))
+    infos = fs.get_file_info(pafs.FileSelector(inner, recursive=False, allow_not_found=True))
+    if not infos:
+        return None  # an object store has no empty folders
+    files = sorted(i.base_name for i in infos if i.type == pafs.FileType.File)
+    return files, sorted(i.base_name for i in infos if i.type == pafs.FileType.Directory)
 
 
 def filesystem_for(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -56,7 +105,7 @@ def check_output_uri(field: str, uri: str) -> None:
     """Refuse an object-store output (``s3://bucket/...``) before any work when its bucket does not exist,
     the credentials are refused, or the endpoint cannot be reached: one OSError line naming ``field`` and
     ``uri``. Local paths pass (their folders are created when written)."""
-    if not _is_uri(uri):
+    if not is_uri(uri):
         return
     endpoint = os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
     try:
@@ -81,7 +130,7 @@ def check_output_uri(field: str, uri: str) -> None:
 def write_bytes(path: str | Path, data: bytes) -> str:
     """Write ``data`` to a local path or a filesystem URI atomically; returns the path written."""
     path = str(path)
-    if _is_uri(path):
+    if is_uri(path):
         fs, inner = filesystem_for(path)
         if _has_directories(fs):
             fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)

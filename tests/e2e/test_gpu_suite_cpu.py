@@ -25,6 +25,9 @@ def test_the_gpu_suite_runs_every_benchmark_without_ray_and_writes_one_json(tmp_
     bench = doc["benchmarks"]
     tails = {k: b["log_tail"] for k, b in bench.items()}
     assert all(b["exit"] == 0 and b["result"] for b in bench.values()), tails
-    assert bench["finetune"]["result"]["results"][0]["plain_samples_per_s"] > 0
+    rows = bench["finetune"]["result"]["results"]
+    assert {(r["gradient_checkpointing"], r["cache_latents"]) for r in rows} == {
+        (False, False), (False, True), (True, False), (True, True)}
+    assert all(r["plain_samples_per_s"] > 0 for r in rows)
     assert {"paper", "best"} <= set(bench["generate"]["result"]["variants"])
     assert bench["evaluate"]["result"]["features"]["cold_images_per_s"] > 0

@@ -326,3 +326,24 @@ def test_bf16_mixed_precision_trains_and_validates_on_the_cpu(data):
     v = cfg.finetune.validation.model_copy(update={"n_per_class": 1, "steps": 2})
     images = validation_images(model, v, 32)
     assert all(im.shape == (32, 32, 3) and im.std() > 0 for ims in images.values() for im in ims)
+
+
+def test_cached_latents_encode_each_image_once_and_train_the_same_weights(data):
+    sets = ("finetune.lora.steps=6", "finetune.ti.steps=4")  # more micro-batches than the rows: epochs repeat
+    plain = _trainable(plain_train(_cfg(data, *sets), data[1]).model)
+    cfg = _cfg(data, *sets, "finetune.cache_latents=true")
+    model = FinetuneModel(cfg, CPU)
+    encoded, encode = [], model.vae.encode
+    model.vae.encode = lambda x, **kw: (encoded.append(len(x)), encode(x, **kw))[1]
+    cached = _trainable(plain_train(cfg, data[1], model=model).model)
+    rows, seen = len(data[1]), 2 * 10  # 10 micro-batches of 2 images, in both phases
+    assert sum(encoded) == len(model._latent_cache) <= 2 * rows < seen  # each image (or its flip) once
+    assert cached.keys() == plain.keys()
+    # the same draws from the same Gaussians; only encoding an image in another batch may round otherwise
+    for k in plain:
+        torch.testing.assert_close(cached[k], plain[k], atol=1e-6, rtol=0, msg=k)
+
+
+def test_cached_latents_refuse_random_crops(data):
+    with pytest.raises(Exception, match="cache_latents needs crop: center"):
+        _cfg(data, "finetune.cache_latents=true", "finetune.crop=random")

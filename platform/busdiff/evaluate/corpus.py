@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from busdiff.evaluate.inputs import InputError
+from busdiff.storage import is_uri, local_path, read_bytes
 
 PLAN_JSON = "plan.json"
 
@@ -40,11 +41,15 @@ class CorpusProvenance:
 
 def read_corpus_provenance(synthetic: str | Path) -> CorpusProvenance | None:
     """The provenance of the sink whose ``samples/`` folder is ``synthetic``, or None when it is not one."""
-    plan = Path(synthetic).expanduser().resolve().parent / PLAN_JSON
-    if not plan.is_file():
+    if is_uri(synthetic):
+        plan = f"{str(synthetic).rstrip('/').rsplit('/', 1)[0]}/{PLAN_JSON}"
+    else:
+        plan = str(local_path(synthetic).resolve().parent / PLAN_JSON)
+    data = read_bytes(plan)
+    if data is None:
         return None
     try:
-        prov = json.loads(plan.read_text())["provenance"]
+        prov = json.loads(data)["provenance"]
         return CorpusProvenance(str(plan), prov.get("adapter"), dict(prov.get("sources") or {}))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(

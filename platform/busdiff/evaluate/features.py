@@ -14,7 +14,8 @@ on its own, so a set may mix sizes.
 
 from __future__ import annotations
 
-import os
+import hashlib
+import io
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -27,6 +28,7 @@ from PIL import Image
 
 from busdiff.data.busi import sha256_file
 from busdiff.evaluate.inception import FEATURE_DIM, InceptionWeights, load_inception, resolve_weights
+from busdiff.storage import is_uri, local_path, read_bytes, readable, write_bytes
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,15 @@ def with_hashes(items: Sequence[ImageItem]) -> list[ImageItem]:
     """Fill in missing sha256 values (real records carry theirs from the loader)."""
     from dataclasses import replace
 
-    return [it if it.sha256 else replace(it, sha256=sha256_file(it.path)) for it in items]
+    def sha(path: str) -> str:
+        if not is_uri(path):
+            return sha256_file(path)
+        data = read_bytes(path)
+        if data is None:
+            raise FileNotFoundError(f"{path}: no such object")
+        return hashlib.sha256(data).hexdigest()
+
+    return [it if it.sha256 else replace(it, sha256=sha(it.path)) for it in items]
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
@@ -52,7 +62,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
     Raises ValueError naming the file when it cannot be decoded."""
     try:
-        with Image.open(path) as im:
+        with Image.open(readable(path)) as im:
             im.load()
             if im.mode in ("I;16", "I;16B", "I;16L", "I;16N"):
                 arr = np.asarray(im, dtype=np.uint16) >> 8
@@ -72,40 +82,41 @@ def read_rgb(path: str | Path) -> np.ndarray:
 
 
 class FeatureCache:
-    """Per-image feature vectors keyed by (extractor id, sha256); ``None`` root disables caching."""
+    """Per-image feature vectors keyed by (extractor id, sha256); ``None`` root disables caching. The root
+    is a local folder or a URI (one small object per image)."""
 
     def __init__(self, root: str | Path | None, extractor_id: str) -> None:
-        self.dir = None if root is None else Path(root).expanduser() / "features" / extractor_id
+        if root is not None and not is_uri(root):
+            root = local_path(root)
+        self.dir = None if root is None else f"{str(root).rstrip('/')}/features/{extractor_id}"
 
-    def _path(self, sha: str) -> Path:
+    def _path(self, sha: str) -> str:
         assert self.dir is not None
-        return self.dir / sha[:2] / f"{sha}.npy"
+        return f"{self.dir}/{sha[:2]}/{sha}.npy"
 
     def get(self, shas: Sequence[str]) -> dict[str, np.ndarray]:
         out: dict[str, np.ndarray] = {}
         if self.dir is None:
             return out
         for s in set(shas):
-            p = self._path(s)
-            if p.is_file():
-                try:
-                    v = np.load(p, allow_pickle=False)
-                except (OSError, ValueError):  # a damaged entry is recomputed
-                    continue
-                if v.shape == (FEATURE_DIM,):
-                    out[s] = v
+            data = read_bytes(self._path(s))
+            if data is None:
+                continue
+            try:
+                v = np.load(io.BytesIO(data), allow_pickle=False)
+            except (OSError, ValueError):  # a damaged entry is recomputed
+                continue
+            if v.shape == (FEATURE_DIM,):
+                out[s] = v
         return out
 
     def put(self, feats: dict[str, np.ndarray]) -> None:
         if self.dir is None:
             return
         for s, v in feats.items():
-            p = self._path(s)
-            p.parent.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-            with open(tmp, "wb") as f:
-                np.save(f, np.asarray(v, dtype=np.float32), allow_pickle=False)
-            os.replace(tmp, p)
+            buf = io.BytesIO()
+            np.save(buf, np.asarray(v, dtype=np.float32), allow_pickle=False)
+            write_bytes(self._path(s), buf.getvalue())  # atomic: concurrent runs share the cache
 
 
 def embed_paths(

@@ -31,6 +31,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from busdiff.storage import is_uri
+
 log = logging.getLogger(__name__)
 
 INPUT_SIZE = 299
@@ -253,7 +255,10 @@ def resolve_weights(
                 f"torch-fidelity's {TORCH_FIDELITY_FILE}, or 'auto'"
             )
         return InceptionWeights(p, f"user file {p}", _sha256(p))
-    converted = Path(cache_dir).expanduser() / CONVERTED_NAME
+    # on an object-store cache (features there) the converted network stays on this node's disk, converted
+    # once per node: it is loaded from a local file
+    local = Path.home() / ".cache" / "busdiff" if is_uri(cache_dir) else Path(cache_dir).expanduser()
+    converted = local / CONVERTED_NAME
     if converted.is_file():
         return InceptionWeights(converted, f"converted copy {converted}", _sha256(converted))
     tried = []

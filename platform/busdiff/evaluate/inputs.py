@@ -19,6 +19,7 @@ from busdiff.config import CLASSES, SplitConfig
 from busdiff.data.busi import MANIFEST, load_dataset
 from busdiff.data.records import ImageRecord
 from busdiff.data.splits import assign_splits
+from busdiff.storage import is_uri, list_dir, local_path, readable
 
 if TYPE_CHECKING:  # busdiff.evaluate.features imports torch: imported where items are made, so that
     from busdiff.evaluate.features import ImageItem  # check_synthetic runs before any heavy import
@@ -38,39 +39,43 @@ def item_of(record: ImageRecord) -> ImageItem:
     return ImageItem(id=record.id, path=record.image_path, label=record.label, sha256=record.sha256)
 
 
-def _images_in(folder: Path) -> list[Path]:
-    return sorted(
-        p
-        for p in folder.iterdir()
-        if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in IMAGE_SUFFIXES
-    )
+def _is_image(name: str) -> bool:
+    return not name.startswith(".") and Path(name).suffix.lower() in IMAGE_SUFFIXES
 
 
-def _synthetic_files(root: Path, classes: Sequence[str]) -> list[tuple[str, Path]]:
-    """``(class, path)`` of every image of ``root/<class>/``; InputError as :func:`read_synthetic` says."""
-    if not root.is_dir():
+def _synthetic_files(root: str, classes: Sequence[str]) -> list[tuple[str, str]]:
+    """``(class, path)`` of every image of ``root/<class>/`` (a folder, or a prefix on an object store);
+    InputError as :func:`read_synthetic` says."""
+    listing = list_dir(root)
+    if listing is None:
         raise InputError(f"synthetic folder {root} does not exist (evaluate.synthetic)")
     allowed = ", ".join(classes)
-    stray = _images_in(root)
+    stray = [f for f in listing[0] if _is_image(f)]
     if stray:
         raise InputError(
-            f"{root}: {len(stray)} image(s) outside class folders (e.g. {stray[0].name}); put synthetic "
+            f"{root}: {len(stray)} image(s) outside class folders (e.g. {stray[0]}); put synthetic "
             f"images in {root}/<class>/ with <class> one of {allowed}"
         )
-    files: list[tuple[str, Path]] = []
-    for sub in sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        images = _images_in(sub)
-        if sub.name not in classes:
-            if images and sub.name not in CLASSES:
-                raise InputError(f"{sub}: unknown class folder {sub.name!r}; allowed: {allowed}")
+    files: list[tuple[str, str]] = []
+    for sub in (d for d in listing[1] if not d.startswith(".")):
+        folder = f"{root}/{sub}"
+        images = [f for f in (list_dir(folder) or ([], []))[0] if _is_image(f)]
+        if sub not in classes:
+            if images and sub not in CLASSES:
+                raise InputError(f"{folder}: unknown class folder {sub!r}; allowed: {allowed}")
             continue  # a class not evaluated (evaluate.classes), or e.g. a folder of the sink's metadata
-        files += [(sub.name, p) for p in images]
+        files += [(sub, f"{folder}/{f}") for f in images]
     if not files:
         raise InputError(
             f"synthetic folder {root} holds no images (evaluate.synthetic; "
             f"expected {root}/<class>/*.png, <class> one of {allowed})"
         )
     return files
+
+
+def _root(root: str | Path) -> str:
+    """A local folder as an absolute path (``~`` expanded); a URI as given, without a trailing slash."""
+    return str(root).rstrip("/") if is_uri(root) else str(local_path(root))
 
 
 def read_synthetic(root: str | Path, classes: Sequence[str] = CLASSES) -> list[ImageItem]:
@@ -81,16 +86,16 @@ def read_synthetic(root: str | Path, classes: Sequence[str] = CLASSES) -> list[I
     from busdiff.evaluate.features import ImageItem
 
     return [
-        ImageItem(id=f"{label}/{p.stem}", path=str(p), label=label, source="synthetic")
-        for label, p in _synthetic_files(Path(root).expanduser(), classes)
+        ImageItem(id=f"{label}/{Path(p).stem}", path=p, label=label, source="synthetic")
+        for label, p in _synthetic_files(_root(root), classes)
     ]
 
 
-def _unreadable(path: Path) -> str | None:
+def _unreadable(path: str) -> str | None:
     """Why ``path`` is not a readable image, or None. PIL's ``verify`` reads the header and, for a PNG,
     every chunk's checksum without decoding the pixels: about 0.1 ms for a 512 px image."""
     try:
-        with Image.open(path) as im:
+        with Image.open(readable(path)) as im:
             im.verify()
     except UnidentifiedImageError:
         return "not an image file PIL knows"
@@ -103,7 +108,7 @@ def check_synthetic(root: str | Path, classes: Sequence[str] = CLASSES) -> int:
     """The checks of :func:`read_synthetic` plus a cheap one of every image's file (see ``_unreadable``),
     without torch or Ray: InputError names the first bad file and counts the others. Returns the number
     of images."""
-    files = _synthetic_files(Path(root).expanduser(), classes)
+    files = _synthetic_files(_root(root), classes)
     bad = [(p, why) for _, p in files if (why := _unreadable(p))]
     if bad:
         (first, why), more = bad[0], f"; {len(bad) - 1} more like it" if len(bad) > 1 else ""

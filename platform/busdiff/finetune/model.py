@@ -8,6 +8,7 @@ Frozen weights run in the mixed-precision dtype (fp16 on a GPU, bf16 on a GPU or
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -16,6 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from diffusers.utils.torch_utils import randn_tensor
 
 from busdiff.config import CLASSES, BusdiffConfig
 from busdiff.finetune.data import seed_of
@@ -54,6 +56,9 @@ class FinetuneModel:
         self.noise_scheduler = DDPMScheduler.from_config(txt.scheduler.config)
         for m in (self.unet, self.vae, self.text_encoder):
             m.requires_grad_(False)
+        self._latent_cache: dict[bytes, tuple[torch.Tensor, torch.Tensor]] | None = (
+            {} if ft.cache_latents else None
+        )
 
         self.tokens = placeholder_tokens(ft)
         self.vector_tokens: dict[str, list[str]] = {}
@@ -207,13 +212,36 @@ class FinetuneModel:
         ids = torch.stack([self.input_ids[c] for c in labels]).to(self.device)
         return self.text_encoder(ids)[0]
 
+    @torch.no_grad()
+    def latents(self, pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Scaled VAE latents of a micro-batch, drawn from the encoder's Gaussian with ``generator`` (as
+        ``latent_dist.sample``). With ``finetune.cache_latents`` each distinct image's Gaussian (mean, std)
+        is encoded once per run and kept for later epochs and phases; the draw is still new each step, so
+        training is the uncached one up to the rounding of encoding in other batches."""
+        if self._latent_cache is None:
+            dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            cache = self._latent_cache
+            # an image's bytes are its key: a flip is another image, the same image in any batch is one
+            keys = [hashlib.blake2b(p.numpy().tobytes(), digest_size=16).digest() for p in pixels]
+            missing = [i for i, k in enumerate(keys) if k not in cache]
+            if missing:
+                dist = self.vae.encode(pixels[missing].to(self.device, self.dtype)).latent_dist
+                for j, i in enumerate(missing):
+                    cache[keys[i]] = (dist.mean[j].clone(), dist.std[j].clone())
+            mean = torch.stack([cache[k][0] for k in keys])
+            std = torch.stack([cache[k][1] for k in keys])
+        noise = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+        # contiguous: the encoder's mean is a strided view (channels-last-like), and the UNet's kernels
+        # round differently on such input; cached or not, the UNet sees one layout
+        return ((mean + std * noise) * self.vae.config.scaling_factor).contiguous()
+
     def loss(self, pixels: torch.Tensor, labels: Sequence[str], generator: torch.Generator) -> torch.Tensor:
         """Denoising loss of one micro-batch; every random draw comes from ``generator`` (CPU), so the same
         generator state gives the same loss on any device."""
         ft = self.cfg.finetune
-        with torch.no_grad():
-            dist = self.vae.encode(pixels.to(self.device, self.dtype)).latent_dist
-            latents = dist.sample(generator=generator) * self.vae.config.scaling_factor
+        latents = self.latents(pixels, generator)
         b = latents.shape[0]
         noise = torch.randn(latents.shape, generator=generator).to(self.device, latents.dtype)
         if ft.noise_offset:

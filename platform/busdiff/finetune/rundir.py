@@ -25,13 +25,9 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from busdiff.config import BusdiffConfig, dump_config
-from busdiff.storage import filesystem_for, write_text
+from busdiff.storage import filesystem_for, is_uri, read_bytes, write_text
 
 LORA_PHASE_ADAPTERS = "adapters-lora"
-
-
-def is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
 
 
 def resolve_out(out: str) -> str:
@@ -54,14 +50,8 @@ def join(base: str, *parts: str) -> str:
 
 def read_text(path: str) -> str | None:
     """The file's text, or None when it does not exist."""
-    if not is_uri(path):
-        p = Path(path)
-        return p.read_text() if p.is_file() else None
-    fs, inner = filesystem_for(path)
-    if fs.get_file_info(inner).type != pafs.FileType.File:
-        return None
-    with fs.open_input_stream(inner) as f:
-        return f.read().decode()
+    data = read_bytes(path)
+    return None if data is None else data.decode()
 
 
 def publish_dir(local_dir: Path, dest: str) -> None:
@@ -82,6 +72,7 @@ def local_staging(out: str, name: str) -> tuple[Path, bool]:
 # Fields that may change between a run and its resumption: they do not change what is trained.
 _RESUMABLE = {
     "out",
+    "cache_latents",  # the same training either way (the latent is sampled anew each step)
     "checkpoint_every",
     "keep_checkpoints",
     "max_failures",

@@ -40,7 +40,7 @@ import pyarrow.parquet as pq
 from PIL import Image
 
 from busdiff.provenance import package_versions
-from busdiff.storage import filesystem_for, write_bytes
+from busdiff.storage import filesystem_for, is_uri, write_bytes
 
 SAMPLES = "samples"
 TEXT2IMG = "text2img"
@@ -84,16 +84,12 @@ SCHEMA = pa.schema(
 )
 
 
-def _is_uri(path: str) -> bool:
-    return "://" in path and not path.startswith("file://")
-
-
 class Sink:
     """The files of one generation output directory ``out`` (a local path or a filesystem URI)."""
 
     def __init__(self, out: str | Path) -> None:
         out = str(out)
-        if _is_uri(out):
+        if is_uri(out):
             self.fs, self.root = filesystem_for(out)
             self.out = out.rstrip("/")
         else:
