@@ -13,6 +13,8 @@ Measured from the submission, on this machine's clock:
 ``job_s``                  the job finished
 ``scale_down_s``           from the job's end until every GPU node is gone again (the config's
                            idle_timeout_minutes, 6 s here, plus the autoscaler's rounds)
+``resubmit_s``             the same job submitted again: answered from the finished sink (nothing written,
+                           no GPU node started)
 
 The cloud adds its instance boot and setup (minutes, README: "Several nodes") to scale_up_s; what this
 measures is Ray's and busdiff's own share. tests/e2e/test_autoscaling.py runs it and checks the corpus.
@@ -49,6 +51,10 @@ def gpu_nodes(nodes: list[dict[str, Any]]) -> list[dict[str, Any]]:
 def _seconds(stamp: str) -> float:
     """The state API's node times: local time as text ("2026-12-03 17:44:27.090000")."""
     return datetime.strptime(stamp, "%Y-%m-%d %H:%M:%S.%f").timestamp()
+
+
+def _mtimes(out: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
 
 
 def job_args(out: Path, sets: list[str]) -> list[str]:
@@ -91,6 +97,13 @@ def measure(out: Path, sets: list[str], scale_down_timeout: float = 120) -> dict
                 raise TimeoutError(f"{len(alive)} GPU node(s) alive {scale_down_timeout:g} s after the job")
             time.sleep(1)
         scale_down = time.time() - job_end
+        # the same job again: answered from the finished sink, before any actor asks for a GPU
+        before_again = _mtimes(out)
+        t = time.time()
+        again = head.submit(*job_args(out, sets))
+        resubmit_s = time.time() - t
+        started_again = len(gpu_nodes(head.nodes())) - len(started)
+        rewritten = sorted(k for k, v in _mtimes(out).items() if before_again.get(k) != v)
     ups = sorted(_seconds(n["start_time_ms"]) for n in started)
     return {
         "gpu_nodes_before": len(before),
@@ -101,7 +114,11 @@ def measure(out: Path, sets: list[str], scale_down_timeout: float = 120) -> dict
         "job_s": round(job_end - t0, 2),
         "scale_down_s": round(scale_down, 2),
         "idle_timeout_s": config["idle_timeout_minutes"] * 60,
-        "job_log_tail": log[-1500:],
+        "resubmit_s": round(resubmit_s, 2),
+        "gpu_nodes_started_by_resubmission": started_again,
+        "files_rewritten_by_resubmission": rewritten,
+        "job_log": log,
+        "resubmission_log": again.stdout,
     }
 
 
@@ -116,9 +133,11 @@ def main() -> int:
         shutil.rmtree(out)  # a fresh corpus each run: the figures are a first run's
     report = measure(out, a.set)
     report["machine"] = {"platform": platform.platform(), "cpu_count": os.cpu_count()}
+    for k in ("job_log", "resubmission_log"):
+        report[k] = report[k][-1500:]
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)
     Path(a.json).write_text(json.dumps(report, indent=2) + "\n")
-    print(json.dumps({k: v for k, v in report.items() if k != "job_log_tail"}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if not k.endswith("_log")}, indent=2))
     return 0
 
 

@@ -145,6 +145,16 @@ class RayHead:
         r = self.ray("list", "nodes", "--detail", "--format=json", "--limit=1000", timeout=60)
         return json.loads(r.stdout)
 
+    def get(self, route: str, timeout: float = 30) -> Any:
+        """GET ``route`` of the dashboard's HTTP API with this head's token: JSON, no Ray import (a `ray`
+        or `serve` CLI call costs seconds of CPU)."""
+        import requests
+
+        headers = {"Authorization": f"Bearer {self.env['RAY_AUTH_TOKEN']}"}
+        r = requests.get(f"{self.address}{route}", headers=headers, timeout=timeout)
+        r.raise_for_status()
+        return r.json()
+
     def submit(
         self, *entrypoint: str, check: bool = True, timeout: float = 600
     ) -> subprocess.CompletedProcess:

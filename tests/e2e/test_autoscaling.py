@@ -1,6 +1,7 @@
 """Autoscaling from zero on Ray's fake multi-node provider (cluster.yaml's node types): a generation job
 whose actor pools ask for `num_gpus: 1` is submitted to a head with no GPU node; the autoscaler adds GPU
-workers, the job writes exactly its plan, and the workers are removed again after the idle timeout.
+workers, the job writes exactly its plan with no false alarm in its log, and the workers are removed again
+after the idle timeout; the same job submitted again writes nothing and starts no GPU node.
 jobs/benchmarks/autoscaling.py does the run (and records its timings); this checks what it did."""
 
 from __future__ import annotations
@@ -36,5 +37,14 @@ def test_gpu_workers_scale_up_from_zero_for_the_job_and_back_down():
         assert 0 < report["scale_up_s"] < report["time_to_first_image_s"] <= report["job_s"]
         cfg = load_config(REPO / "jobs" / "configs" / "generate-tiny.yaml", [f"generate.out={out}"])
         assert_exactly_the_plan(out, cfg)
+        log = report["job_log"]
+        assert "12 written, 0 skipped" in log
+        # Ray's "... max_restarts > 0" line about Ray Data's actor pools is a false alarm: dropped (issue 10)
+        assert "max_restarts > 0" not in log
+        # a resubmission is answered from the finished sink: nothing written, no GPU node started
+        again = report["resubmission_log"]
+        assert "already holds all 12 planned images" in again and "0 written, 12 skipped" in again
+        assert report["files_rewritten_by_resubmission"] == []
+        assert report["gpu_nodes_started_by_resubmission"] == 0
     finally:
         shutil.rmtree(out.parent, ignore_errors=True)
