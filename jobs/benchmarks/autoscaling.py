@@ -16,7 +16,7 @@ Measured from the submission, on this machine's clock:
 ``resubmit_s``             the same job submitted again: answered from the finished sink (nothing written,
                            no GPU node started)
 
-The cloud adds its instance boot and setup (minutes, README: "Several nodes") to scale_up_s; what this
+The cloud adds its instance boot and setup (minutes, README: "A node image") to scale_up_s; what this
 measures is Ray's and busdiff's own share. tests/e2e/test_autoscaling.py runs it and checks the corpus.
 """
 
@@ -29,6 +29,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
@@ -70,13 +71,13 @@ def measure(out: Path, sets: list[str], scale_down_timeout: float = 120) -> dict
     only). ``out``: the sink, a new absolute path outside /tmp (the job refuses node-local outputs once
     worker nodes have another IP than the head, as the fake provider's do)."""
     config = yaml.safe_load(FAKE_CLUSTER.read_text())
-    with RayHead(num_cpus=0, autoscaling=config) as head:
+    with RayHead(num_cpus=0, autoscaling=config) as head, tempfile.TemporaryFile("w+") as log_file:
         before = gpu_nodes(head.nodes())
         t0 = time.time()
-        job = subprocess.Popen(
+        job = subprocess.Popen(  # into a file: an unread pipe would fill and block the job's output
             [str(Path(sys.executable).parent / "ray"), "job", "submit", "--working-dir", ".", "--",
              *job_args(out, sets)],
-            cwd=REPO, env={**head.env, "RAY_ADDRESS": head.address}, stdout=subprocess.PIPE,
+            cwd=REPO, env={**head.env, "RAY_ADDRESS": head.address}, stdout=log_file,
             stderr=subprocess.STDOUT, text=True,
         )
         first_image = None
@@ -85,7 +86,8 @@ def measure(out: Path, sets: list[str], scale_down_timeout: float = 120) -> dict
                 first_image = time.time()
             time.sleep(0.2)
         job_end = time.time()
-        log = job.stdout.read()
+        log_file.seek(0)
+        log = log_file.read()
         if job.returncode != 0:
             raise RuntimeError(f"the generation job failed ({job.returncode}):\n{log[-4000:]}")
         if first_image is None:  # the whole job ran between two looks
@@ -95,7 +97,7 @@ def measure(out: Path, sets: list[str], scale_down_timeout: float = 120) -> dict
         while alive := [n for n in gpu_nodes(head.nodes()) if n["state"] == "ALIVE"]:
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{len(alive)} GPU node(s) alive {scale_down_timeout:g} s after the job")
-            time.sleep(1)
+            time.sleep(2)  # each look is a `ray list nodes` process: a second or two of CPU
         scale_down = time.time() - job_end
         # the same job again: answered from the finished sink, before any actor asks for a GPU
         before_again = _mtimes(out)
