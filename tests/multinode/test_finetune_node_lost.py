@@ -16,22 +16,14 @@ from safetensors.torch import load_file
 from busdiff.config import load_config
 from busdiff.data.phantom import write_phantom
 from busdiff.finetune.trainer import run_finetune
-
-STEPS = 30
+from tests.ray.test_finetune import STEPS, _sets
 
 
 def _config(root: Path, out: Path):
-    return load_config(None, [
-        f"data.root={root}", "model.preset=tiny", "model.device=cpu", f"finetune.out={out}",
-        "finetune.method=lora+ti", f"finetune.lora.steps={STEPS}", "finetune.lora.batch_size=2",
-        "finetune.lora.lr=1e-2", "finetune.ti.lr=1e-2", "finetune.resolution=32",
-        "finetune.mixed_precision=no",
-        "finetune.checkpoint_every=10", "finetune.log_every=5", "finetune.report_every=5",
-        "finetune.validation.every=0", "finetune.validation.n_per_class=1", "finetune.validation.steps=2",
-        "finetune.max_failures=2",
-        # two CPUs a rank on three-CPU nodes: one rank a node, a CPU left on each for the data tasks
-        "finetune.scaling.num_workers=2", "finetune.scaling.cpus_per_worker=2",
-    ])
+    # tests/ray's recipe (30 steps, a checkpoint every 10), with two CPUs a rank on three-CPU nodes: one rank
+    # a node, a CPU left on each for the data tasks
+    return load_config(None, _sets(root, out, "finetune.validation.every=0", "finetune.max_failures=2",
+                                   "finetune.scaling.cpus_per_worker=2"))
 
 
 def _steps(out: Path) -> list[int]:
