@@ -24,6 +24,11 @@ def local_path(path: str | Path) -> Path:
     return Path(str(path).removeprefix("file://")).expanduser()
 
 
+def absolute(path: str | Path) -> str:
+    """What every node reads as the same place: a URI as given (no trailing slash), a local path resolved."""
+    return str(path).rstrip("/") if is_uri(path) else str(local_path(path).resolve())
+
+
 def read_bytes(path: str | Path) -> bytes | None:
     """The file's bytes, or None when there is no file there."""
     if not is_uri(path):

@@ -1,5 +1,7 @@
-"""The study on the shared local cluster: the tiny configurations end to end, a rerun that calls no stage
-and rewrites nothing, and a changed configuration that reruns only what depends on it."""
+"""The study on the shared local cluster with its outputs in a bucket of the S3 API server (tests/s3.py),
+as on a cloud cluster: the tiny configurations end to end, a rerun that calls no stage and rewrites no
+object, and a changed configuration that reruns only what depends on it. (tests/e2e/test_study_job.py
+submits it with local outputs.)"""
 
 from __future__ import annotations
 
@@ -12,28 +14,34 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from busdiff.config import load_config
-from busdiff.models.adapters import read_adapter_json
+from busdiff.models.adapters import local_adapter_dir, read_adapter_json
+from busdiff.storage import read_bytes
 from busdiff.study.run import run_study
 from tests.browser import render
 from tests.conftest import REPO
+from tests.s3 import BUCKET
 
 TINY = REPO / "jobs" / "configs" / "study-tiny.yaml"
-
-
-def _snapshot(out):
-    return {str(p): p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file()}
+OUT = f"s3://{BUCKET}/study"
 
 
 @pytest.fixture(scope="module")
-def study(tmp_path_factory):
-    out = tmp_path_factory.mktemp("study")
-    sets = [f"study.out={out}", f"data.root={out}/phantom", f"evaluate.fid.cache_dir={out}/cache"]
-    return out, sets, run_study(load_config(TINY, sets))
+def study(s3_for_ray, tmp_path_factory):
+    local = tmp_path_factory.mktemp("study")
+    sets = [f"study.out={OUT}", f"data.root={local}/phantom", f"evaluate.fid.cache_dir={local}/cache"]
+    return s3_for_ray, sets, run_study(load_config(TINY, sets))
+
+
+def _text(name: str) -> str:
+    data = read_bytes(f"{OUT}/{name}")
+    assert data is not None, f"{OUT}/{name} was not written"
+    return data.decode()
 
 
 def test_every_configuration_is_judged_in_study_json_and_the_report(study):
-    out, _, res = study
-    doc = json.loads((out / "study.json").read_text())
+    s3, _, res = study
+    assert res.study_json == f"{OUT}/study.json"
+    doc = json.loads(_text("study.json"))
     rows = {r["name"]: r for r in doc["configurations"]}
     assert list(rows) == ["real", "base", "lora", "lora_ti", "lora_ti_refined"]
     for name in ("base", "lora", "lora_ti", "lora_ti_refined"):
@@ -45,42 +53,44 @@ def test_every_configuration_is_judged_in_study_json_and_the_report(study):
     assert rows["lora_ti_refined"]["images"].endswith("samples")
     assert rows["lora_ti"]["fid"] != rows["lora_ti_refined"]["fid"]
     assert rows["real"]["synthetic"] is False and "fid" not in rows["real"]
-    html = (out / "report.html").read_text()
+    html = _text("report.html")
     assert all(f"<td class=l>{n}</td>" in html for n in ("base", "lora", "lora_ti", "lora_ti_refined"))
     assert "Published figures" in html and "45.97" in html
+    assert html.count("<img") == 4  # a sample grid per synthetic configuration, its images read from S3
     assert sorted(k.split("/")[0] for k in res.ran).count("finetune") == 1
 
 
 def test_lora_reads_the_lora_phase_of_the_one_fine_tuning_run(study):
-    out, _, _ = study
-    (ft,) = list((out / "finetune").iterdir())
-    lora, final = read_adapter_json(ft / "adapters-lora"), read_adapter_json(ft / "adapters")
+    s3, _, _ = study
+    (ft,) = {k.split("/")[2] for k in s3.objects("study/finetune/")}
+    ft = f"{OUT}/finetune/{ft}"
+    lora, final = read_adapter_json(f"{ft}/adapters-lora"), read_adapter_json(f"{ft}/adapters")  # from S3
     assert lora["tokens"] == [] and final["tokens"] == ["<bus>"] and lora["extra"]["steps"] == 10
-    a = load_file(str(ft / "adapters-lora" / lora["lora"]["file"]))
-    b = load_file(str(ft / "adapters" / final["lora"]["file"]))
+    a = load_file(str(local_adapter_dir(f"{ft}/adapters-lora") / lora["lora"]["file"]))
+    b = load_file(str(local_adapter_dir(f"{ft}/adapters") / final["lora"]["file"]))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)  # LoRA frozen while TI trains
 
 
 def test_the_report_is_a_page_a_person_can_read(study, tmp_path):
-    out, _, _ = study
-    shot = tmp_path / "report.png"
-    _, errors = render((out / "report.html").as_uri(), screenshot=shot, size=(1200, 2400))
+    page, shot = tmp_path / "report.html", tmp_path / "report.png"
+    page.write_text(_text("report.html"))  # self-contained: its images are embedded
+    _, errors = render(page.as_uri(), screenshot=shot, size=(1200, 2400))
     assert errors == []
     pixels = np.asarray(Image.open(shot).convert("L"), dtype=float)
     assert pixels.std() > 20 and (pixels < 200).mean() > 0.05  # tables and sample grids, not a blank page
 
 
 def test_a_finished_study_reruns_without_any_stage_and_rewrites_nothing(study):
-    out, sets, _ = study
-    before = _snapshot(out)
+    s3, sets, _ = study
+    before = s3.objects("study/")
     res = run_study(load_config(TINY, sets))
     assert res.ran == [] and len(res.skipped) >= 8
     assert res.seconds < 30
-    assert _snapshot(out) == before
+    assert s3.objects("study/") == before  # no object rewritten (same ETag and Last-Modified)
 
 
 def test_a_changed_configuration_reruns_only_what_depends_on_it(study):
-    out, sets, first = study
+    _, sets, _ = study
     res = run_study(load_config(TINY, [*sets, "generate.strength=0.7"]))
     kinds = sorted(k.split("/")[0] for k in res.ran)
     # strength is img2img only: the refined sink and its two evaluations rerun, nothing else

@@ -56,3 +56,28 @@ def test_an_unreachable_endpoint_is_named(s3, monkeypatch):
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     with pytest.raises(OSError, match=r"^evaluate.out=s3://x/y: the object store at http://127.0.0.1:9 can"):
         storage.check_output_uri("evaluate.out", "s3://x/y")
+
+
+def test_an_adapter_in_a_bucket_reads_as_from_disk_and_a_changed_object_is_refused(s3, tmp_path, monkeypatch):
+    """A study on a cloud cluster keeps its adapters in the bucket: generation, serving and the leakage guard
+    read them from there (copied once into ~/.cache/busdiff, checked against adapter.json's sha256)."""
+    from busdiff.models.adapters import AdapterError, local_adapter_dir, read_adapter_json
+    from tests.unit.adapter_fixture import ti_adapter
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    local = ti_adapter(tmp_path / "adapter", "<bus>")
+    uri = f"s3://{BUCKET}/study/finetune/abc/adapters"
+    for f in local.iterdir():
+        storage.write_bytes(f"{uri}/{f.name}", f.read_bytes())
+    assert read_adapter_json(uri) == read_adapter_json(local)
+    copy = local_adapter_dir(uri)
+    assert copy.is_relative_to(tmp_path / "home" / ".cache" / "busdiff")
+    files = {f.name: f.read_bytes() for f in local.iterdir()}
+    assert {f.name: f.read_bytes() for f in copy.iterdir()} == files
+
+    storage.write_bytes(f"{uri}/learned_embeds.safetensors", b"not the trained embedding")
+    monkeypatch.setenv("HOME", str(tmp_path / "another-node"))  # (the checked copy above stays valid)
+    with pytest.raises(AdapterError, match=rf"{uri}/learned_embeds.safetensors does not match its sha256"):
+        local_adapter_dir(uri)
+    with pytest.raises(AdapterError, match=r"s3://busdiff-test/nothing/adapter.json is missing"):
+        read_adapter_json(f"s3://{BUCKET}/nothing")

@@ -15,7 +15,6 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -27,7 +26,7 @@ from busdiff.generate.plan import Plan, build_plan
 from busdiff.generate.sink import METADATA, SAMPLES, TEXT2IMG, Sink, write_batch
 from busdiff.generate.stages import Img2Img, Text2Img, read_source_images
 from busdiff.provenance import package_versions
-from busdiff.storage import write_text
+from busdiff.storage import absolute, write_text
 
 STAGES = (("text2img", "t2i"), ("img2img", "img2img"), ("write", "write"))
 
@@ -135,7 +134,7 @@ def build_dataset(cfg: BusdiffConfig, plan: Plan, rows: list[dict[str, Any]], ou
 
     g = cfg.generate
     # Workers may run in another directory than the driver: give them absolute paths.
-    adapters = str(Path(g.adapters).resolve()) if g.adapters else None
+    adapters = absolute(g.adapters) if g.adapters else None
     model = cfg.model.model_dump()
     common = dict(scheduler=g.scheduler, adapters=adapters, channels_last=g.channels_last, compile=g.compile)
     # Ray Data's actor pools restart dead actors and retry their lost batches without limit by default

@@ -321,10 +321,50 @@ def _swap_into_place(tmp: Path, out_dir: Path) -> None:
     _fsync(out_dir.parent)
 
 
+def local_adapter_dir(adapter_dir: str | Path) -> Path:
+    """``adapter_dir`` as a local folder: a local path as it is; an object-store URI (``s3://...``, a
+    study's adapters in a bucket) copied once into ``~/.cache/busdiff/adapters/``, keyed by the URI and its
+    adapter.json, so that diffusers' loaders (local files only) can read it. Each object is checked against
+    adapter.json's sha256 as it arrives (an AdapterError naming it otherwise)."""
+    from busdiff.storage import is_uri, local_path, read_bytes, write_bytes
+
+    if not is_uri(adapter_dir):
+        return local_path(adapter_dir)
+    uri = str(adapter_dir).rstrip("/")
+    raw = read_bytes(f"{uri}/{ADAPTER_JSON}")
+    if raw is None:
+        raise AdapterError(f"{uri}/{ADAPTER_JSON} is missing: {uri} is not a (complete) busdiff adapter")
+    try:
+        files = json.loads(raw).get("files") or {}
+        files = {str(k): dict(v) for k, v in files.items()}
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, TypeError, ValueError) as e:
+        raise AdapterError(f"{uri}/{ADAPTER_JSON} is not a busdiff adapter.json: {e}") from e
+    key = hashlib.blake2b(uri.encode() + b"\0" + raw, digest_size=12).hexdigest()
+    local = Path.home() / ".cache" / "busdiff" / "adapters" / key
+    for name, info in files.items():
+        if Path(name).name != name or name in ("", ".", ".."):
+            continue  # refused by read_adapter_json, naming the file
+        f = local / name
+        if f.is_file() and _sha256(f) == info.get("sha256"):
+            continue
+        data = read_bytes(f"{uri}/{name}")
+        if data is None:
+            raise AdapterError(f"adapter file {uri}/{name} listed in {ADAPTER_JSON} is missing")
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != info.get("sha256"):
+            raise AdapterError(f"adapter file {uri}/{name} does not match its sha256 in {ADAPTER_JSON} "
+                               f"(file {digest[:12]}..., recorded {str(info.get('sha256'))[:12]}...): "
+                               f"it was modified or truncated")
+        write_bytes(f, data)
+    write_bytes(local / ADAPTER_JSON, raw)  # last: a folder with adapter.json is complete
+    return local
+
+
 def read_adapter_json(adapter_dir: str | Path) -> dict:
-    """adapter.json of ``adapter_dir``, after checking that every file it lists exists and has the
-    recorded sha256 (AdapterError naming the file otherwise)."""
-    adapter_dir = Path(adapter_dir)
+    """adapter.json of ``adapter_dir`` (a folder or an object-store URI, :func:`local_adapter_dir`),
+    after checking that every file it lists exists and has the recorded sha256 (AdapterError naming the
+    file otherwise)."""
+    adapter_dir = local_adapter_dir(adapter_dir)
     path = adapter_dir / ADAPTER_JSON
     if not adapter_dir.is_dir():
         raise AdapterError(f"adapter directory {adapter_dir} does not exist")
@@ -398,7 +438,7 @@ def load_adapters(pipe: Any, adapter_dir: str | Path, base_model: str | None = N
     ``load_lora_weights`` and ``load_textual_inversion``. Components shared with another pipeline (the
     img2img one of :func:`busdiff.models.presets.load_pipelines`) see the adapter too. With ``base_model``
     given, refuses an adapter trained on another base. Returns the adapter.json content."""
-    adapter_dir = Path(adapter_dir)
+    adapter_dir = local_adapter_dir(adapter_dir)
     meta = read_adapter_json(adapter_dir)
     if base_model is not None:
         check_adapter_base(adapter_dir, base_model, meta)

@@ -29,6 +29,7 @@ from busdiff.config import (
 )
 from busdiff.finetune.rundir import LORA_PHASE_ADAPTERS, fingerprint
 from busdiff.generate.plan import build_plan
+from busdiff.storage import absolute
 
 # Evaluation fields that say where it writes or what it reads (given by the plan), not how it judges.
 _NOT_EVALUATION_RECIPE = {"out", "synthetic", "adapters", "classifier", "grid_per_class"}
@@ -98,7 +99,8 @@ def _adapter_dir(ft_out: str, ft: FinetuneConfig, arm: StudyArmConfig, where: st
 def build_study_plan(cfg: BusdiffConfig) -> StudyPlan:
     """Every stage run of ``cfg.study``; bad overrides raise ConfigError naming the configuration."""
     st = cfg.study
-    out = str(Path(st.out).expanduser().resolve())
+    # one absolute place for every stage, whichever node runs it: a URI as given, a local path resolved
+    out = absolute(st.out)
     # Ray workers may start elsewhere: every stage reads the miniature base from the driver's cache folder
     mini = cfg.model.miniature
     mini = mini.model_copy(update={"cache_dir": str(Path(mini.cache_dir).expanduser().resolve())})

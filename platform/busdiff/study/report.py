@@ -5,12 +5,12 @@ figures beside, labelled as measured under other protocols."""
 from __future__ import annotations
 
 import html
-from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
 from busdiff.evaluate.report import _CSS, _ci, _f, _img_tag
+from busdiff.storage import list_dir, readable
 from busdiff.study.plan import StudyPlan
 from busdiff.study.results import KEYS, floor_key
 from busdiff.viz import image_grid
@@ -82,20 +82,22 @@ def _classifier_table(rows: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
-def _samples(folder: Path, classes: list[str], n: int) -> list[list[Path]]:
-    return [sorted((folder / c).glob("*.png"))[:n] if (folder / c).is_dir() else [] for c in classes]
+def _pngs(folder: str, n: int) -> list[str]:
+    listed = list_dir(folder)
+    return [f"{folder}/{name}" for name in (listed[0] if listed else []) if name.endswith(".png")][:n]
 
 
 def _grid(row: dict[str, Any], classes: list[str], n: int) -> Image.Image | None:
-    """``n`` images per class; a refined configuration shows each text2img image beside its refinement."""
-    folder = Path(row["images"])
-    rows = _samples(folder, classes, n)
-    t2i = folder.parent / "text2img"
-    if folder.name == "samples" and t2i.is_dir():
-        rows = [[q for p in r for q in (t2i / p.parent.name / p.name, p)] for r in rows]
+    """``n`` images per class; a refined configuration shows each text2img image beside its refinement.
+    The folders may be local or in an object store."""
+    folder = row["images"].rstrip("/")
+    rows = [_pngs(f"{folder}/{c}", n) for c in classes]
+    parent, name = folder.rsplit("/", 1)
+    if name == "samples" and list_dir(f"{parent}/text2img") is not None:
+        rows = [[q for p in r for q in (p.replace(f"{folder}/", f"{parent}/text2img/", 1), p)] for r in rows]
     if not any(rows):
         return None
-    images = [[Image.open(p).convert("RGB") for p in r] for r in rows]
+    images = [[Image.open(readable(p)).convert("RGB") for p in r] for r in rows]
     return image_grid(images, row_labels=classes)
 
 

@@ -4,10 +4,10 @@ one table of configurations. Only reads and re-arranges: every figure was comput
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 from busdiff.config import CLASSES, BusdiffConfig
+from busdiff.storage import read_bytes
 from busdiff.study.plan import StudyPlan
 
 KEYS = ("benign", "malignant", "normal", "all")
@@ -30,8 +30,11 @@ PUBLISHED = {
 }
 
 
-def _read_json(path: str | Path) -> dict[str, Any]:
-    return json.loads(Path(path).read_text())
+def _read_json(path: str) -> dict[str, Any]:
+    data = read_bytes(path)
+    if data is None:
+        raise FileNotFoundError(f"{path}: no such file (its stage's record exists: was it deleted?)")
+    return json.loads(data)
 
 
 def floor_key(k: str) -> str:
@@ -71,20 +74,20 @@ def join_results(plan: StudyPlan, cfg: BusdiffConfig) -> dict[str, Any]:
     """study.json's content; see the module docstring."""
     clf = None
     if plan.classifier is not None:
-        clf = _read_json(Path(plan.classifier.out) / "classifier.json")
+        clf = _read_json(f"{plan.classifier.out}/classifier.json")
     rows = []
     for arm in plan.arms:
         row: dict[str, Any] = {"name": arm.name, "synthetic": arm.synthetic, "adapter": arm.adapter,
                                "images": arm.images}
         if arm.synthetic:
-            metrics_path = Path(plan.runs[arm.evaluate].out) / "metrics.json"
+            metrics_path = f"{plan.runs[arm.evaluate].out}/metrics.json"
             metrics = _read_json(metrics_path)
             row.update(_fidelity(metrics))
             row["memorization"] = _memorization(metrics)
             leak = metrics["leakage"]
             row["leakage"] = {k: len(leak.get(k) or []) for k in ("refused", "synthetic_refused")}
-            row["metrics"] = str(metrics_path)
-            row["evaluate_report"] = str(Path(plan.runs[arm.evaluate].out) / "report.html")
+            row["metrics"] = metrics_path
+            row["evaluate_report"] = f"{plan.runs[arm.evaluate].out}/report.html"
         if clf is not None:
             row["classifier"] = (clf.get("sets") or {}).get(arm.name) if arm.synthetic else clf.get("real")
         rows.append(row)

@@ -13,10 +13,10 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from busdiff.config import BusdiffConfig
+from busdiff.storage import read_bytes, write_text
 from busdiff.study.plan import StageRun, StudyPlan, build_study_plan
 from busdiff.study.report import render_report
 from busdiff.study.results import join_results
@@ -65,9 +65,9 @@ def _classifier(run: StageRun, plan: StudyPlan) -> dict[str, Any]:
 
     sets = {arm.name: arm.images for arm in plan.arms if arm.synthetic}
     result = run_classifier_sets(run.cfg, sets, adapters=[a.adapter for a in plan.arms if a.adapter])
-    path = Path(run.out) / "classifier.json"
+    path = f"{run.out}/classifier.json"
     _write_if_changed(path, json.dumps(result, indent=2, sort_keys=True) + "\n")
-    return {"result": str(path)}
+    return {"result": path}
 
 
 STAGES: dict[str, Callable[[StageRun, StudyPlan], dict[str, Any]]] = {
@@ -78,17 +78,16 @@ STAGES: dict[str, Callable[[StageRun, StudyPlan], dict[str, Any]]] = {
 }
 
 
-def _write_if_changed(path: Path, text: str) -> bool:
-    from busdiff.storage import write_text
-
-    if path.is_file() and path.read_text() == text:
+def _write_if_changed(path: str, text: str) -> bool:
+    if read_bytes(path) == text.encode():
         return False
     write_text(path, text)
     return True
 
 
-def record_path(plan: StudyPlan, run: StageRun) -> Path:
-    return Path(plan.out) / "stages" / f"{run.kind}-{run.key}.json"
+def record_path(plan: StudyPlan, run: StageRun) -> str:
+    """Where the stage run's record goes: a local path or a URI under study.out."""
+    return f"{plan.out}/stages/{run.kind}-{run.key}.json"
 
 
 def run_study(cfg: BusdiffConfig) -> StudyResult:
@@ -96,7 +95,7 @@ def run_study(cfg: BusdiffConfig) -> StudyResult:
     t0 = time.perf_counter()
     plan = build_study_plan(cfg)  # every override checked before any work
     runs = list(plan.runs.values())
-    todo = [r for r in runs if not record_path(plan, r).is_file()]
+    todo = [r for r in runs if read_bytes(record_path(plan, r)) is None]
     _say(f"{len(plan.arms)} configurations ({', '.join(a.name for a in plan.arms)}), {len(runs)} stage runs, "
          f"{len(runs) - len(todo)} finished before, {len(todo)} to run; out {plan.out}")
     if cfg.study.phantom_data:
@@ -120,10 +119,9 @@ def run_study(cfg: BusdiffConfig) -> StudyResult:
         _write_if_changed(record_path(plan, run), json.dumps(record, indent=2, sort_keys=True) + "\n")
         ran.append(run.id)
     study = join_results(plan, cfg)
-    study_json = Path(plan.out) / "study.json"
-    report_html = Path(plan.out) / "report.html"
+    study_json, report_html = f"{plan.out}/study.json", f"{plan.out}/report.html"
     _write_if_changed(study_json, json.dumps(study, indent=2, sort_keys=True) + "\n")
     _write_if_changed(report_html, render_report(study, plan))
     skipped = [r.id for r in runs if r.id not in ran]
-    return StudyResult(plan.out, str(study_json), str(report_html), ran, skipped, study,
+    return StudyResult(plan.out, study_json, report_html, ran, skipped, study,
                        time.perf_counter() - t0)
