@@ -53,7 +53,7 @@ class SplitConfig(_Strict):
 
 class DataConfig(_Strict):
     root: str = "runs/phantom"
-    layout: Literal["auto", "kaggle", "manifest"] = "auto"
+    layout: Literal["auto", "kaggle", "manifest", "corpus"] = "auto"
     split: SplitConfig = SplitConfig()
     skip_bad: bool = False
 
@@ -340,6 +340,46 @@ class ActorPoolConfig(_Strict):
         return v
 
 
+class MaskTransformConfig(_Strict):
+    """A random transform of each conditioning mask, seeded per image, so that synthetic lesions are new
+    shapes rather than traced copies of real patients' (all off by default: the mask as it is)."""
+
+    degrees: float = Field(0, ge=0, le=180, description="rotation drawn from [-degrees, degrees]")
+    translate: float = Field(0, ge=0, le=0.5, description="shift drawn from [-t, t] of the size, per axis")
+    scale: tuple[float, float] = Field((1.0, 1.0), description="zoom drawn from [lo, hi]")
+    elastic_alpha: float = Field(0, ge=0, description="elastic displacement, in pixels at generate.size")
+    elastic_sigma: float = Field(0.08, gt=0, le=1, description="elastic smoothness, a fraction of the size")
+
+    @field_validator("scale")
+    @classmethod
+    def _scale(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError(f"scale must be [lo, hi] with 0 < lo <= hi, got {list(v)}")
+        return v
+
+
+class ControlNetConfig(_Strict):
+    """Mask-conditioned generation (the authors' third and fourth configurations): a ControlNet
+    conditioned on each image's lesion mask from the train split of ``masks``."""
+
+    model: str = Field(
+        "preset",
+        description="a hub id or local diffusers folder of a ControlNetModel (the authors': "
+        "lllyasviel/sd-controlnet-canny); 'preset': the small ControlNet of the tiny / miniature base",
+    )
+    conditioning: Literal["canny", "mask"] = Field(
+        "canny", description="the ControlNet's input: canny edges of the mask (the authors') or the mask"
+    )
+    scale: float = Field(1.0, ge=0, description="controlnet_conditioning_scale")
+    masks: str | None = Field(
+        None, description="BUSI folder whose train-split masks condition (default data.root)"
+    )
+    normal: Literal["empty", "none"] = Field(
+        "empty", description="normal images (no lesion): an empty mask, or generated without the ControlNet"
+    )
+    transform: MaskTransformConfig = MaskTransformConfig()
+
+
 class GenerateConfig(_Strict):
     """Generation at scale on Ray Data: plan, text2img, img2img refinement, sink. The defaults are the
     paper's recipe (DPMSolverMultistep, 50 steps, 512 px, 300 per class, img2img strength 0.3)."""
@@ -371,6 +411,7 @@ class GenerateConfig(_Strict):
     )
     adapters: str | None = Field(None, description="adapter dir (adapter.json) loaded into the base model")
     keep_text2img: bool = Field(False, description="also save the text2img images under text2img/")
+    controlnet: ControlNetConfig | None = Field(None, description="mask-conditioned generation (masks/)")
     text2img: ActorPoolConfig = ActorPoolConfig()
     img2img: ActorPoolConfig = ActorPoolConfig()
     writer_num_cpus: float = Field(0.5, gt=0, description="logical CPUs per sink write task")
@@ -435,6 +476,8 @@ class GenerateConfig(_Strict):
             raise ValueError("generate.source (real images to refine) needs generate.refine=true")
         if self.source is not None and self.keep_text2img:
             raise ValueError("generate.keep_text2img: no text2img images exist when generate.source is set")
+        if self.controlnet is not None and self.source is not None:
+            raise ValueError("generate.controlnet conditions text2img generation: not with generate.source")
         return self
 
 
@@ -515,6 +558,38 @@ class ClassifierConfig(_Strict):
         return self
 
 
+class SegmentationConfig(_Strict):
+    """The segmentation judge: a MONAI U-Net trained on real-train image + mask pairs, and on those plus
+    synthetic pairs (a ControlNet corpus's masks/) at each ratio, several seeds, one Ray task per run;
+    the epoch with the best val Dice is scored once on the test split (Dice and IoU per lesion class)."""
+
+    enabled: bool = False
+    image_size: int = Field(64, ge=16, description="side (px) of images and masks (a multiple of 8)")
+    channels: list[int] = Field([16, 32, 64, 128], min_length=2, description="U-Net channels per level")
+    num_res_units: int = Field(1, ge=0)
+    epochs: int = Field(30, ge=1)
+    batch_size: int = Field(16, ge=1)
+    lr: float = Field(1e-3, gt=0)
+    ratios: list[float] = Field([0.0, 1.0], min_length=1, description="synthetic / real-train pairs")
+    seeds: list[int] = Field([0, 1, 2], min_length=1)
+    threshold: float = Field(0.5, gt=0, lt=1, description="sigmoid probability that counts as lesion")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_cpus: float = Field(1, gt=0, description="CPUs per run (Ray task); also its torch threads")
+    num_gpus: float = Field(0, ge=0, description="GPUs per run (Ray task)")
+    max_retries: int = Field(1, ge=0, description="retries of a crashed run before it is reported failed")
+
+    @model_validator(mode="after")
+    def _ok(self) -> SegmentationConfig:
+        if self.image_size % 2 ** (len(self.channels) - 1):
+            raise ValueError(f"image_size={self.image_size} must be divisible by 2**(levels-1) = "
+                             f"{2 ** (len(self.channels) - 1)} for channels {self.channels}")
+        if any(r < 0 for r in self.ratios):
+            raise ValueError(f"ratios must be >= 0, got {self.ratios}")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        return self
+
+
 class MemorizationConfig(_Strict):
     """Nearest real training image of every synthetic image (Inception cosine + SSIM)."""
 
@@ -541,6 +616,7 @@ class EvaluateConfig(_Strict):
     grid_per_class: int = Field(8, ge=1, le=64)
     fid: FidelityConfig = FidelityConfig()
     classifier: ClassifierConfig = ClassifierConfig()
+    segmentation: SegmentationConfig = SegmentationConfig()
     memorization: MemorizationConfig = MemorizationConfig()
 
     @model_validator(mode="after")

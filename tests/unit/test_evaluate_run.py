@@ -124,3 +124,19 @@ def test_the_corpus_adapter_is_guarded_without_being_named(tmp_path):
     refused = {x["id"]: x for x in res.metrics["leakage"]["refused"]}
     assert "trained on by the corpus's adapter" in refused[test[0].id]["reason"]
     assert res.metrics["leakage"]["provenance"]["plan"].endswith("plan.json")
+
+
+def test_images_conditioned_on_a_held_out_mask_are_excluded_from_the_corpus(tmp_path):
+    """Generation conditions only on train masks; judged under another split (here: another split seed),
+    the images whose mask is now a val or test patient's are refused, as refined ones are."""
+    real = real_phantom(tmp_path / "busi", 14)
+    plan, samples = _sink_from_plan(tmp_path, "model.preset=tiny", f"data.root={real}",
+                                    "generate.controlnet.model=preset", "generate.count=14")
+    recs = {r.id: r for r in real_records(real, split=load_config(None, ["data.split.seed=1"]).data.split)}
+    leaked = sorted(r["id"] for r in plan.rows if r["condition_id"]
+                    and recs[r["condition_id"]].split in ("val", "test"))
+    assert leaked
+    res = run_evaluate(_cfg(tmp_path, real, samples, "data.split.seed=1"))
+    out = res.metrics["leakage"]["synthetic_refused"]
+    assert sorted(x["id"].split("/")[1] for x in out) == leaked
+    assert all("lesion mask is" in x["reason"] for x in out)

@@ -8,9 +8,13 @@ Two layouts are understood:
 * ``manifest`` -- a folder with ``manifest.csv`` (columns ``file,mask,label[,sha256,split,...]``, paths
   relative to the folder), e.g. ``busi-256``. The split column is kept as is.
 
-Both give the same ids, ``<class>_<NNNN>`` (``benign (433).png`` -> ``benign_0433``). Every problem found
-is collected first; then one :class:`DatasetError` lists all of them, or with ``skip_bad=True`` the bad
-files are left out and listed in :attr:`LoadResult.bad_files`.
+* ``corpus`` -- a busdiff generation sink (``samples/metadata.parquet``): each synthetic image with the
+  mask it was conditioned on (``masks/``, with ``generate.controlnet``; none otherwise), split
+  ``synthetic``, ids the corpus's own.
+
+The first two give the same ids, ``<class>_<NNNN>`` (``benign (433).png`` -> ``benign_0433``). Every
+problem found is collected first; then one :class:`DatasetError` lists all of them, or with
+``skip_bad=True`` the bad files are left out and listed in :attr:`LoadResult.bad_files`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from PIL import Image
 from busdiff.config import CLASSES
 from busdiff.data.records import BadFile, DatasetError, ImageRecord, LoadResult
 
-LAYOUTS = ("auto", "kaggle", "manifest")
+LAYOUTS = ("auto", "kaggle", "manifest", "corpus")
+CORPUS_METADATA = "samples/metadata.parquet"
 KAGGLE_DIR = "Dataset_BUSI_with_GT"
 MANIFEST = "manifest.csv"
 MANIFEST_REQUIRED = ("file", "mask", "label")
@@ -337,8 +342,35 @@ def load_dataset(root: str | Path, layout: str = "auto", skip_bad: bool = False)
         raise DatasetError(BadFile(str(path), f"dataset root {what}", MISSING_ROOT), _LAYOUT_HINT)
     path = path.resolve()
     if layout == "auto":
-        layout = "manifest" if (path / MANIFEST).is_file() else "kaggle"
+        layout = ("manifest" if (path / MANIFEST).is_file() else
+                  "corpus" if (path / CORPUS_METADATA).is_file() else "kaggle")
+    if layout == "corpus":
+        return _load_corpus(path, skip_bad)
     return _load_manifest(path, skip_bad) if layout == "manifest" else _load_kaggle(path, skip_bad)
+
+
+def _load_corpus(root: Path, skip_bad: bool) -> LoadResult:
+    import pyarrow.parquet as pq
+
+    meta = root / CORPUS_METADATA
+    if not meta.is_file():
+        raise DatasetError(BadFile(str(meta), "missing: not a busdiff generation sink", MISSING_FILE))
+    columns = pq.read_schema(meta).names
+    rows = pq.read_table(meta).to_pylist()
+    records, bad = [], []
+    for row in rows:
+        image = root / "samples" / row["file_name"]
+        masks = [root / row["mask_path"]] if "mask_path" in columns and row["mask_path"] else []
+        missing = [f for f in (image, *masks) if not f.is_file()]
+        if missing:
+            bad += [BadFile(str(f), f"listed in {CORPUS_METADATA}, missing", MISSING_FILE) for f in missing]
+            continue
+        checked = _check_image_and_masks(image, masks, bad)
+        if checked:
+            w, h, digest = checked
+            records.append(ImageRecord(row["id"], str(image), row["class"], tuple(str(m) for m in masks),
+                                       "synthetic", w, h, digest))
+    return _finish(records, bad, root, "corpus", skip_bad)
 
 
 def _mask_bool(im: Image.Image) -> np.ndarray:

@@ -381,7 +381,9 @@ def _labels(items: Sequence[ImageItem], classes: Sequence[str]) -> np.ndarray:
     return np.array([list(classes).index(it.label) for it in items], dtype=np.int64)
 
 
-def _paired(base_runs: list[dict], runs: list[dict], metric: str) -> dict[str, Any] | None:
+def paired_difference(base_runs: list[dict], runs: list[dict], metric: str) -> dict[str, Any] | None:
+    """``runs``' test ``metric`` minus ``base_runs``' paired by seed (only seeds where both ran): mean and
+    std of the differences, wins/losses, and the paired t-test's p-value; None without a pair."""
     from scipy.stats import ttest_rel
 
     base = {r["seed"]: r["test"].get(metric) for r in base_runs if r["status"] == "ok"}
@@ -428,7 +430,7 @@ def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
                 "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
             }
             if arm != REAL_ONLY:
-                row.setdefault("vs_real_only", {})[m] = _paired(base, group, m)
+                row.setdefault("vs_real_only", {})[m] = paired_difference(base, group, m)
         row["recall"] = {
             c: (
                 float(np.mean(v))

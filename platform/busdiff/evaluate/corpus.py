@@ -24,6 +24,7 @@ class CorpusProvenance:
     plan: str  # the plan.json read
     adapter: dict[str, Any] | None  # {"hash", "base_model", "trained_ids"}
     sources: dict[str, dict[str, str]] = field(default_factory=dict)  # sample id -> {"record", "sha256"}
+    conditions: dict[str, str] = field(default_factory=dict)  # sample id -> record whose mask conditioned it
 
     def adapters(self) -> list[dict[str, Any]]:
         """The corpus's adapter in the form the leakage guard takes (empty without one)."""
@@ -36,7 +37,7 @@ class CorpusProvenance:
     def to_dict(self) -> dict[str, Any]:
         return {"plan": self.plan, "adapter_hash": (self.adapter or {}).get("hash"),
                 "n_adapter_trained_ids": len((self.adapter or {}).get("trained_ids") or []),
-                "n_refined_from_real": len(self.sources)}
+                "n_refined_from_real": len(self.sources), "n_mask_conditioned": len(self.conditions)}
 
 
 def read_corpus_provenance(synthetic: str | Path) -> CorpusProvenance | None:
@@ -50,7 +51,8 @@ def read_corpus_provenance(synthetic: str | Path) -> CorpusProvenance | None:
         return None
     try:
         prov = json.loads(data)["provenance"]
-        return CorpusProvenance(str(plan), prov.get("adapter"), dict(prov.get("sources") or {}))
+        return CorpusProvenance(str(plan), prov.get("adapter"), dict(prov.get("sources") or {}),
+                                dict(prov.get("conditions") or {}))
     except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise InputError(
             f"{plan}: no readable provenance ({type(e).__name__}: {e}); evaluation needs it to guard "

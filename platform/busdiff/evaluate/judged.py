@@ -61,12 +61,13 @@ def judged_inputs(cfg: BusdiffConfig, sets: dict[str, str], adapters: Sequence[s
     for name, folder in sets.items():
         prov = provenance[name]
         synthetic[name], refused[name] = guard_synthetic(
-            synthetic[name], prov.sources if prov else {}, records, judged_splits, ev.leakage
+            synthetic[name], prov.sources if prov else {}, records, judged_splits, ev.leakage,
+            conditions=prov.conditions if prov else {},
         )
         if not synthetic[name]:
             raise InputError(
-                f"leakage guard: every synthetic image of {folder} was refined from a held-out or val "
-                "image (generate.source_split); nothing left to evaluate"
+                f"leakage guard: every synthetic image of {folder} was refined from, or conditioned on "
+                "the mask of, a held-out or val image (generate.source_split); nothing left to evaluate"
             )
     trained = adapter_trained_ids(sorted(set(adapters)))
     for prov in provenance.values():

@@ -60,23 +60,34 @@ def _refuse(listed: list[dict[str, Any]], what: str, mode: str) -> None:
 
 def guard_synthetic(
     synthetic: Sequence[ImageItem], sources: dict[str, dict[str, str]], records: Sequence[ImageRecord],
-    judged_splits: Sequence[str], mode: str = "exclude",
+    judged_splits: Sequence[str], mode: str = "exclude", conditions: dict[str, str] | None = None,
 ) -> tuple[list[ImageItem], list[dict[str, Any]]]:
-    """Synthetic images refined from a real image of ``judged_splits``: ``sources`` maps a sample id (the
-    file stem) to its source ``{"record", "sha256"}`` (plan.json); a source is matched to ``records`` by
-    content, or by id where no hash was recorded. Returns the kept images and the refused ones, listed."""
+    """Synthetic images refined from, or conditioned on the mask of, a real image of ``judged_splits``:
+    ``sources`` maps a sample id (the file stem) to its source ``{"record", "sha256"}`` and ``conditions``
+    to the record whose mask conditioned it (plan.json); a source is matched to ``records`` by content, or
+    by id where no hash was recorded, a condition by id. Returns the kept images and the refused ones."""
     by_sha = {r.sha256: r for r in records if r.sha256}
     by_id = {r.id: r for r in records}
+    conditions = conditions or {}
     refused = []
     for it in synthetic:
-        src = sources.get(Path(it.path).stem)
-        if not src:
-            continue
-        real = by_sha.get(src.get("sha256", "")) or (None if src.get("sha256") else by_id.get(src["record"]))
+        stem = Path(it.path).stem
+        src = sources.get(stem)
+        real = None
+        if src:
+            real = by_sha.get(src.get("sha256", "")) or (None if src.get("sha256") else
+                                                          by_id.get(src["record"]))
         if real is not None and real.split in judged_splits:
             refused.append({"id": it.id, "kind": "refined from a judged image", "match": real.id,
                             "split": real.split,
                             "reason": f"refined from {real.id} of the {real.split} split (plan.json)"})
+            continue
+        shaped = by_id.get(conditions.get(stem, ""))
+        if shaped is not None and shaped.split in judged_splits:
+            refused.append({"id": it.id, "kind": "conditioned on a judged image's mask", "match": shaped.id,
+                            "split": shaped.split,
+                            "reason": f"its lesion mask is {shaped.id}'s, of the {shaped.split} split "
+                                      "(plan.json)"})
     _refuse(refused, "synthetic image(s) were made from judged real images", mode)
     gone = {x["id"] for x in refused}
     return [it for it in synthetic if it.id not in gone], refused

@@ -15,6 +15,7 @@ import json
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -22,8 +23,9 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 from busdiff.config import BusdiffConfig, ConfigError, GenerateConfig, dump_config
+from busdiff.generate.masks import condition_masks
 from busdiff.generate.plan import Plan, build_plan
-from busdiff.generate.sink import METADATA, SAMPLES, TEXT2IMG, Sink, write_batch
+from busdiff.generate.sink import MASKS, METADATA, SAMPLES, TEXT2IMG, Sink, write_batch
 from busdiff.generate.stages import Img2Img, Text2Img, read_source_images
 from busdiff.provenance import package_versions
 from busdiff.storage import absolute, write_text
@@ -137,6 +139,11 @@ def build_dataset(cfg: BusdiffConfig, plan: Plan, rows: list[dict[str, Any]], ou
     adapters = absolute(g.adapters) if g.adapters else None
     model = cfg.model.model_dump()
     common = dict(scheduler=g.scheduler, adapters=adapters, channels_last=g.channels_last, compile=g.compile)
+    if g.controlnet is not None:
+        cn = g.controlnet
+        local = cn.model != "preset" and Path(cn.model).expanduser().exists()  # else "preset" or a hub id
+        common["controlnet"] = dict(model=absolute(cn.model) if local else cn.model,
+                                    conditioning=cn.conditioning, scale=cn.scale)
     # Ray Data's actor pools restart dead actors and retry their lost batches without limit by default
     # (max_restarts=-1, max_task_retries=-1 in ray 2.60); only a chosen cap is passed on.
     retries = {} if g.max_task_retries == -1 else dict(max_task_retries=g.max_task_retries)
@@ -150,6 +157,9 @@ def build_dataset(cfg: BusdiffConfig, plan: Plan, rows: list[dict[str, Any]], ou
             num_cpus=g.writer_num_cpus,
         )
     else:
+        if g.controlnet is not None:  # each row's conditioning mask, read and transformed beside the actors
+            ds = ds.map_batches(condition_masks, fn_kwargs=dict(size=g.size), batch_size=first.batch_size,
+                                num_cpus=g.writer_num_cpus)
         # Latents go on to img2img with the latent hand-off; they are decoded too only to keep the images.
         latent = g.refine and g.handoff == "latent"
         output = ("both" if g.keep_text2img else "latent") if latent else "image"
@@ -189,6 +199,7 @@ def build_dataset(cfg: BusdiffConfig, plan: Plan, rows: list[dict[str, Any]], ou
         "adapter_hash": plan.adapter_hash,
         "plan": g.name,
         "recipe_hash": plan.recipe_hash,
+        "controlnet": (plan.recipe.get("controlnet") or {}).get("model", ""),
     }
     return ds.map_batches(
         write_batch,
@@ -230,11 +241,12 @@ def finished_result(cfg: BusdiffConfig, plan: Plan) -> GenerateResult | None:
     summary = json.loads(sink.read_bytes("summary.json"))
     if (summary.get("recipe_hash"), summary.get("planned")) != (plan.recipe_hash, len(plan.rows)):
         return None
-    columns = ["id", "file_name", "text2img_path"]
+    masks = cfg.generate.controlnet is not None  # (a sink of such a recipe has the mask columns)
+    columns = ["id", "file_name", "text2img_path"] + (["mask_path"] if masks else [])
     meta = pq.read_table(pa.BufferReader(sink.read_bytes(meta_rel)), columns=columns).to_pylist()
     listed = [
         sink.fs.get_file_info(pafs.FileSelector(f"{sink.root}/{d}", allow_not_found=True, recursive=True))
-        for d in (SAMPLES, TEXT2IMG)
+        for d in (SAMPLES, TEXT2IMG, MASKS)
     ]
     present = {f.path for files in listed for f in files}
     done = {
@@ -242,6 +254,7 @@ def finished_result(cfg: BusdiffConfig, plan: Plan) -> GenerateResult | None:
         for m in meta
         if f"{sink.root}/{SAMPLES}/{m['file_name']}" in present
         and (not cfg.generate.keep_text2img or f"{sink.root}/{m['text2img_path']}" in present)
+        and (not masks or f"{sink.root}/{m['mask_path']}" in present)
     }
     if not set(plan.ids) <= done:
         return None

@@ -59,6 +59,8 @@ class Plan:
                 for r in self.rows
                 if r["source"]
             },
+            # the real (train) image whose mask conditioned each sample
+            "conditions": {r["id"]: r["condition_id"] for r in self.rows if r.get("condition_id")},
         }
 
 
@@ -173,6 +175,53 @@ def _source_rows(
     return rows
 
 
+def _condition_rows(cfg: BusdiffConfig, rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Give each text2img row its conditioning mask: the lesion mask of a real image of its class from
+    the *train* split of ``controlnet.masks`` (default data.root), taken in id order (row i of a class:
+    its (i mod n)-th train image), with a transform drawn from the row's seed. Normal rows get an empty
+    mask, or no ControlNet (``controlnet.normal: none``). Returns the recipe's ``controlnet`` entry."""
+    from busdiff.data.busi import load_dataset
+    from busdiff.data.splits import assign_splits
+    from busdiff.generate.masks import draw_transform
+    from busdiff.models.presets import controlnet_id
+
+    cn = cfg.generate.controlnet
+    root = cn.masks or cfg.data.root
+    try:
+        records = load_dataset(root, layout=cfg.data.layout, skip_bad=cfg.data.skip_bad).records
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"generate.controlnet.masks={root!r}: {e}") from e
+    # only the train split conditions: a held-out patient's lesion must not shape a synthetic image
+    train = [r for r in assign_splits(records, cfg.data.split) if r.split == "train"]
+    by_class = {c: sorted((r for r in train if r.label == c and r.mask_paths), key=lambda r: r.id)
+                for c in CLASSES if c != "normal"}
+    index: dict[str, int] = {}
+    for row in rows:
+        label = row["label"]
+        k = index[label] = index.get(label, -1) + 1
+        row["controlled"] = label != "normal" or cn.normal == "empty"
+        row["condition_id"], row["mask_source"], row["mask_transform"] = "", "[]", ""
+        if label == "normal":
+            continue
+        mine = by_class[label]
+        if not mine:
+            raise ConfigError(f"generate.controlnet.masks={root!r}: no {label} image with a mask in the "
+                              f"train split (data.split) to condition {label} images on")
+        rec = mine[k % len(mine)]
+        row["condition_id"] = rec.id
+        row["mask_source"] = json.dumps([str(Path(m).resolve()) for m in rec.mask_paths])
+        row["mask_transform"] = json.dumps(draw_transform(cn.transform, row["seed"]), sort_keys=True)
+    return {
+        "model": controlnet_id(cn.model, model_id(cfg.model)),
+        "conditioning": cn.conditioning,
+        "scale": cn.scale,
+        "normal": cn.normal,
+        "transform": cn.transform.model_dump(mode="json"),
+        "masks": str(Path(root).resolve()),
+        "masks_split": {"name": "train", "fractions": cfg.data.split.model_dump(mode="json")},
+    }
+
+
 def build_plan(cfg: BusdiffConfig) -> Plan:
     """The plan of ``cfg.generate``; every config and adapter problem raises :class:`ConfigError` naming the
     field, before any Ray worker starts."""
@@ -200,6 +249,7 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
             for label, n in counts.items()
             for i in range(n)
         ]
+    controlnet = _condition_rows(cfg, rows) if g.controlnet is not None else None
     recipe = {
         "name": g.name,
         "mode": mode,
@@ -231,6 +281,8 @@ def build_plan(cfg: BusdiffConfig) -> Plan:
         "source": None if g.source is None else str(Path(g.source).resolve()),
         "source_split": g.source_split,
     }
+    if controlnet is not None:  # only then: the recipes (and sinks) of every other plan stay as they were
+        recipe["controlnet"] = controlnet
     recipe_hash = hashlib.sha256(json.dumps(recipe, sort_keys=True).encode()).hexdigest()[:16]
     counts = {c: n for c in counts if (n := sum(r["label"] == c for r in rows))}
     return Plan(

@@ -7,6 +7,7 @@ OUT/
   samples/<class>/<id>.png         the final images (refined, or text2img when refine is off)
   samples/metadata.parquet         one row per image in samples/ (file_name relative to samples/)
   text2img/<class>/<id>.png        the text2img images before refinement (generate.keep_text2img)
+  masks/<class>/<id>.png           with generate.controlnet: each image's conditioning mask, as used
   metadata/parts/<key>.parquet     the journal: one file per written batch, named by the batch's ids
   summary.json                     the last run's counts and images/s per stage
 ```
@@ -44,6 +45,7 @@ from busdiff.storage import filesystem_for, is_uri, write_bytes
 
 SAMPLES = "samples"
 TEXT2IMG = "text2img"
+MASKS = "masks"
 PARTS = "metadata/parts"
 METADATA = "metadata.parquet"  # inside samples/, where `imagefolder` looks for it
 
@@ -80,6 +82,12 @@ SCHEMA = pa.schema(
         ("text2img_worker", pa.string()),  # host:pid of the actor that ran the stage ("" when none)
         ("img2img_worker", pa.string()),
         ("written_at", pa.string()),  # UTC ISO time; the latest wins when an id was written twice
+        # generate.controlnet ("" / 0 without): the mask used, the train image it came from, its transform
+        ("mask_path", pa.string()),  # relative to OUT: masks/<class>/<id>.png
+        ("mask_png_bytes", pa.int64()),
+        ("condition_id", pa.string()),  # "" for an empty mask
+        ("mask_transform", pa.string()),  # JSON (busdiff.generate.masks)
+        ("controlnet", pa.string()),  # the ControlNet's id; "" when the row was generated without it
     ]
 )
 
@@ -159,13 +167,16 @@ class Sink:
         and the journal."""
         meta = self.read_metadata()
         want = None if want is None else set(want)
-        columns = ["id", "file_name", "png_bytes", "text2img_path", "text2img_png_bytes"]
+        columns = ["id", "file_name", "png_bytes", "text2img_path", "text2img_png_bytes", "mask_path",
+                   "mask_png_bytes"]
         todo = []  # (id, [(rel, recorded size)]) of every wanted row
-        for i, name, size, t2i, t2i_size in zip(*(meta[c].to_pylist() for c in columns), strict=True):
+        for i, name, size, t2i, t2i_size, mask, mask_size in zip(*(meta[c].to_pylist() for c in columns),
+                                                                  strict=True):
             if want is None or i in want:
                 extra = [(t2i or "-", t2i_size)] if keep_text2img else []
+                extra += [(mask, mask_size)] if mask else []
                 todo.append((i, [(f"{SAMPLES}/{name}", size), *extra]))
-        present = {f.path: f.size for d in (SAMPLES, TEXT2IMG) for f in self._list(d)}
+        present = {f.path: f.size for d in (SAMPLES, TEXT2IMG, MASKS) for f in self._list(d)}
 
         def ok(files: list[tuple[str, int]]) -> bool:
             sizes = [present.get(self._inner(rel)) for rel, _ in files]
@@ -219,7 +230,7 @@ class Sink:
         if not isinstance(self.fs, pafs.LocalFileSystem):
             return 0
         n = 0
-        for d in (SAMPLES, TEXT2IMG, PARTS):
+        for d in (SAMPLES, TEXT2IMG, MASKS, PARTS):
             for f in self._list(d):
                 if f.base_name.startswith(".") and f.base_name.endswith(".tmp"):
                     Path(f.path).unlink(missing_ok=True)
@@ -260,11 +271,16 @@ def write_batch(
     final = batch["refined"] if "refined" in batch else batch["t2i"]
     n = len(ids)
     t2i_paths, t2i_bytes, png_bytes = [""] * n, [0] * n, [0] * n
+    mask_paths, mask_bytes = [""] * n, [0] * n
+    controlled = batch.get("controlled", np.zeros(n, bool))
     for k, (i, c) in enumerate(zip(ids, labels, strict=True)):
         if keep_text2img:
             t2i_paths[k] = f"{TEXT2IMG}/{Sink.image_name(c, i)}"
             t2i_bytes[k] = sink.write_png(t2i_paths[k], batch["t2i"][k])
         png_bytes[k] = sink.write_png(f"{SAMPLES}/{Sink.image_name(c, i)}", final[k])
+        if "mask" in batch:
+            mask_paths[k] = f"{MASKS}/{Sink.image_name(c, i)}"
+            mask_bytes[k] = sink.write_png(mask_paths[k], batch["mask"][k])
     now = datetime.now(timezone.utc).isoformat(timespec="microseconds")
     zeros = np.zeros(n)
     columns = {
@@ -303,6 +319,11 @@ def write_batch(
         "text2img_worker": [str(w) for w in batch.get("t2i_worker", [""] * n)],
         "img2img_worker": [str(w) for w in batch.get("img2img_worker", [""] * n)],
         "written_at": [now] * n,
+        "mask_path": mask_paths,
+        "mask_png_bytes": mask_bytes,
+        "condition_id": [str(x) for x in batch.get("condition_id", [""] * n)],
+        "mask_transform": [str(x) for x in batch.get("mask_transform", [""] * n)],
+        "controlnet": [static.get("controlnet", "") if on else "" for on in controlled],
     }
     sink.write_table(Sink.part_name(ids), pa.table(columns, schema=SCHEMA))
     t1 = time.time()

@@ -76,6 +76,51 @@ def load_stage_pipeline(
     return pipe
 
 
+def controlnet_pipeline(pipe: Any, model: ModelConfig | dict[str, Any], controlnet: str) -> Any:
+    """``pipe``'s ControlNet twin (text2img or img2img, as ``pipe``), sharing its components (adapters,
+    sampler, speed options included) plus the ControlNetModel of ``controlnet`` (see
+    :func:`busdiff.models.presets.load_controlnet`)."""
+    from diffusers import StableDiffusionControlNetImg2ImgPipeline, StableDiffusionControlNetPipeline
+
+    from busdiff.models.presets import load_controlnet
+
+    cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
+    cn = load_controlnet(controlnet, cfg, pipe.unet, pipe.unet.dtype).to(pipe.device)
+    cls = (StableDiffusionControlNetPipeline if "Img2Img" not in type(pipe).__name__
+           else StableDiffusionControlNetImg2ImgPipeline)
+    parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}
+    out = cls(**parts, controlnet=cn, requires_safety_checker=False)
+    out.set_progress_bar_config(disable=True)
+    return out
+
+
+def _take(batch: dict[str, np.ndarray], rows: np.ndarray) -> dict[str, np.ndarray]:
+    return {k: np.asarray(v)[rows] for k, v in batch.items()}
+
+
+def _by_group(batch: dict[str, np.ndarray], with_controlnet: bool, run: Any) -> dict[str, np.ndarray]:
+    """``run(sub_batch, controlled)`` once for the rows without the ControlNet and once for those with it
+    (the ``controlled`` column; every row when it is absent), each returning {column: array}; the
+    columns put back together in the batch's row order."""
+    n = len(batch["id"])
+    on = np.asarray(batch.get("controlled", np.ones(n, bool)), dtype=bool) & with_controlnet
+    out: dict[str, np.ndarray] = {}
+    for flag in (False, True):
+        rows = np.flatnonzero(on == flag)
+        if len(rows):
+            for k, v in run(_take(batch, rows), flag).items():
+                out.setdefault(k, np.empty((n, *v.shape[1:]), v.dtype))[rows] = v
+    return out
+
+
+def _control_images(batch: dict[str, np.ndarray], conditioning: str) -> torch.Tensor:
+    """The ControlNet input of each row's ``mask``: float N×3×H×W in [0, 1]."""
+    from busdiff.generate.masks import control_image
+
+    images = np.stack([control_image(m, conditioning) for m in batch["mask"]])
+    return torch.tensor(images).permute(0, 3, 1, 2).float() / 255
+
+
 def _prompt_embeds(pipe: Any, batch: dict[str, np.ndarray], guidance: float) -> dict[str, torch.Tensor]:
     """The pipeline's ``prompt_embeds`` (and ``negative_prompt_embeds`` with guidance) for the batch, each
     distinct (prompt, negative prompt) pair encoded once: a corpus has a few prompts over thousands of
@@ -101,7 +146,9 @@ def _prompt_embeds(pipe: Any, batch: dict[str, np.ndarray], guidance: float) -> 
 
 
 class Text2Img:
-    """Prompts and seeds -> images (``output="image"``), scaled latents (``"latent"``), or both."""
+    """Prompts and seeds -> images (``output="image"``), scaled latents (``"latent"``), or both. With
+    ``controlnet`` ({model, conditioning, scale}), rows whose ``controlled`` is set are conditioned on
+    their ``mask`` (:func:`busdiff.generate.masks.condition_masks`)."""
 
     def __init__(
         self,
@@ -115,6 +162,7 @@ class Text2Img:
         output: Literal["image", "latent", "both"] = "image",
         channels_last: bool = False,
         compile: bool = False,
+        controlnet: dict[str, Any] | None = None,
     ) -> None:
         self.pipe = load_stage_pipeline(
             model,
@@ -124,37 +172,48 @@ class Text2Img:
             channels_last=channels_last,
             compile=compile,
         )
+        self.control = controlnet
+        self.cpipe = controlnet_pipeline(self.pipe, model, controlnet["model"]) if controlnet else None
         self.steps, self.guidance, self.size, self.output = steps, guidance, size, output
 
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        t0 = time.time()
-        out = self.pipe(
-            **_prompt_embeds(self.pipe, batch, self.guidance),
+    def _run(self, batch: dict[str, np.ndarray], controlled: bool) -> dict[str, np.ndarray]:
+        pipe, extra = self.pipe, {}
+        if controlled:
+            pipe = self.cpipe
+            extra = dict(image=_control_images(batch, self.control["conditioning"]),
+                         controlnet_conditioning_scale=self.control["scale"])
+        out = pipe(
+            **_prompt_embeds(pipe, batch, self.guidance),
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             height=self.size,
             width=self.size,
             generator=_generators(batch["seed"]),
             output_type="np" if self.output == "image" else "latent",
+            **extra,
         )
-        new: dict[str, np.ndarray] = {}
         if self.output == "image":
-            new["t2i"] = _to_uint8(out.images)
-        else:
-            latents = out.images
-            new["latent"] = latents.float().cpu().numpy()
-            if self.output == "both":
-                vae = self.pipe.vae
-                decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-                new["t2i"] = _to_uint8(self.pipe.image_processor.postprocess(decoded, output_type="np"))
+            return {"t2i": _to_uint8(out.images)}
+        latents = out.images
+        new = {"latent": latents.float().cpu().numpy()}
+        if self.output == "both":
+            vae = self.pipe.vae
+            decoded = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+            new["t2i"] = _to_uint8(self.pipe.image_processor.postprocess(decoded, output_type="np"))
+        return new
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        t0 = time.time()
+        new = _by_group(batch, self.cpipe is not None, self._run)
         t1 = time.time()
         return {**batch, **new, **_timing("t2i", t0, t1, n)}
 
 
 class Img2Img:
-    """img2img refinement of ``latent`` (no VAE encode) or ``t2i`` images, into ``refined``."""
+    """img2img refinement of ``latent`` (no VAE encode) or ``t2i`` images, into ``refined``; with
+    ``controlnet``, controlled rows keep the geometry of their ``mask``."""
 
     def __init__(
         self,
@@ -167,6 +226,7 @@ class Img2Img:
         adapters: str | None = None,
         channels_last: bool = False,
         compile: bool = False,
+        controlnet: dict[str, Any] | None = None,
     ) -> None:
         self.pipe = load_stage_pipeline(
             model,
@@ -176,29 +236,41 @@ class Img2Img:
             channels_last=channels_last,
             compile=compile,
         )
+        self.control = controlnet
+        self.cpipe = controlnet_pipeline(self.pipe, model, controlnet["model"]) if controlnet else None
         self.steps, self.guidance, self.strength = steps, guidance, strength
 
-    @torch.inference_mode()
-    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        n = len(batch["id"])
-        t0 = time.time()
+    def _run(self, batch: dict[str, np.ndarray], controlled: bool) -> dict[str, np.ndarray]:
         # Ray hands read-only arrays over: copy them into tensors torch may write to.
         if "latent" in batch:
             image = torch.tensor(batch["latent"])
         else:  # uint8 N×H×W×3 -> float N×3×H×W in [0, 1], what the image processor expects of tensors
             image = torch.tensor(batch["t2i"]).permute(0, 3, 1, 2).float() / 255
-        out = self.pipe(
-            **_prompt_embeds(self.pipe, batch, self.guidance),
+        pipe, extra = self.pipe, {}
+        if controlled:
+            pipe = self.cpipe
+            extra = dict(control_image=_control_images(batch, self.control["conditioning"]),
+                         controlnet_conditioning_scale=self.control["scale"])
+        out = pipe(
+            **_prompt_embeds(pipe, batch, self.guidance),
             image=image,
             strength=self.strength,
             num_inference_steps=self.steps,
             guidance_scale=self.guidance,
             generator=_generators(batch["refine_seed"]),
             output_type="np",
+            **extra,
         )
+        return {"refined": _to_uint8(out.images)}
+
+    @torch.inference_mode()
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        n = len(batch["id"])
+        t0 = time.time()
+        new = _by_group(batch, self.cpipe is not None, self._run)
         t1 = time.time()
         rest = {k: v for k, v in batch.items() if k != "latent"}  # latents are not kept past this stage
-        return {**rest, "refined": _to_uint8(out.images), **_timing("img2img", t0, t1, n)}
+        return {**rest, **new, **_timing("img2img", t0, t1, n)}
 
 
 def _timing(stage: str, t0: float, t1: float, n: int) -> dict[str, np.ndarray]:

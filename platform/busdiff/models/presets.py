@@ -393,3 +393,60 @@ def load_pipelines(cfg: ModelConfig, device: torch.device | None = None
     for p in (txt, img):
         p.set_progress_bar_config(disable=True)
     return txt, img
+
+
+# ---- ControlNet (generate.controlnet) ----
+#: the conditioning encoder of the preset ControlNet: small, as the base it copies (diffusers' default is
+#: (16, 32, 96, 256)); its three stride-2 stages bring the image to the latents' size (VAE factor 8)
+PRESET_CONTROLNET_CHANNELS = (8, 16, 32, 64)
+
+
+def controlnet_id(model: str, base_id: str) -> str:
+    """A stable name of a ControlNet (recorded in the generation recipe): ``preset:<base id>`` for the
+    preset one, a local folder resolved, a hub id as given."""
+    if model == "preset":
+        return f"preset:{base_id}"
+    path = Path(model).expanduser()
+    return str(path.resolve()) if path.exists() else model.rstrip("/")
+
+
+def preset_controlnet(unet: UNet2DConditionModel, seed: int, random_zero_convs: bool) -> Any:
+    """A ControlNet made from ``unet`` the way diffusers' train_controlnet.py starts one: a copy of its
+    encoder and middle block, zero-initialised output convolutions (no effect until trained). With
+    ``random_zero_convs`` (the random ``tiny`` base) those are seeded random instead, so that the mask
+    visibly shapes the output of an untrained CPU run."""
+    from diffusers import ControlNetModel
+
+    torch.manual_seed(seed)
+    cn = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=PRESET_CONTROLNET_CHANNELS)
+    if random_zero_convs:
+        for conv in [*cn.controlnet_down_blocks, cn.controlnet_mid_block,
+                     cn.controlnet_cond_embedding.conv_out]:
+            torch.nn.init.normal_(conv.weight, std=0.05)
+    return cn.eval()
+
+
+def load_controlnet(model: str, cfg: ModelConfig, unet: UNet2DConditionModel, dtype: torch.dtype) -> Any:
+    """The ControlNetModel of ``generate.controlnet.model``: ``preset`` (see :func:`preset_controlnet`; for
+    the tiny and miniature bases only), a local diffusers folder, or a hub id."""
+    from diffusers import ControlNetModel
+
+    if model == "preset":
+        if cfg.preset not in ("tiny", "miniature"):
+            raise ModelLoadError(
+                f"generate.controlnet.model=preset is for the tiny and miniature bases, not model.preset="
+                f"{cfg.preset!r}: give a ControlNet folder or hub id (the authors': "
+                "lllyasviel/sd-controlnet-canny)"
+            )
+        return preset_controlnet(unet, cfg.seed, random_zero_convs=cfg.preset == "tiny").to(dtype=dtype)
+    path = Path(model).expanduser()
+    try:
+        if path.exists():
+            return ControlNetModel.from_pretrained(str(path), torch_dtype=dtype, local_files_only=True)
+        return ControlNetModel.from_pretrained(model, torch_dtype=dtype)
+    except (*_offline_errors(), ValueError, KeyError) as e:
+        where = f"the folder {path}" if path.exists() else "no local folder, not found on the hub (offline?)"
+        raise ModelLoadError(
+            f"generate.controlnet.model={model!r} could not be loaded: {where}. Cause: {type(e).__name__}: "
+            f"{str(e).splitlines()[0] if str(e) else ''}"
+        ) from e
