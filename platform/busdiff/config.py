@@ -478,6 +478,9 @@ class GenerateConfig(_Strict):
             raise ValueError("generate.keep_text2img: no text2img images exist when generate.source is set")
         if self.controlnet is not None and self.source is not None:
             raise ValueError("generate.controlnet conditions text2img generation: not with generate.source")
+        if self.controlnet is not None and self.refine and self.handoff == "latent":
+            # diffusers' ControlNet img2img sizes its control image from the input: latents would shrink it
+            raise ValueError("generate.controlnet refines decoded images: set generate.handoff=image")
         return self
 
 

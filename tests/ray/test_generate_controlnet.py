@@ -12,17 +12,17 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
-from busdiff.config import SegmentationConfig, load_config
+from busdiff.config import load_config
 from busdiff.data.busi import load_dataset, read_mask
 from busdiff.data.phantom import write_phantom
 from busdiff.data.splits import assign_splits
-from busdiff.evaluate.inputs import real_records, select
-from busdiff.evaluate.segmentation import run_segmentation
+from busdiff.evaluate.run import run_evaluate
 from busdiff.generate.masks import transform_mask
 from busdiff.generate.pipeline import run_generate
 from busdiff.generate.sink import MASKS, SAMPLES
 from tests.ray.test_generate_pipeline import BASE, _sets, _snapshot
 from tests.sinkcheck import assert_exactly_the_plan
+from tests.unit.evaluate_fixture import shared_cache_dir
 
 TRANSFORM = "generate.controlnet.transform"
 
@@ -80,14 +80,25 @@ def test_each_sample_comes_with_its_mask_and_the_corpus_loads_back_as_pairs(corp
     assert (again.written, again.skipped) == (0, 6) and _snapshot(out) == before
 
 
-def test_the_segmentation_judge_trains_on_real_and_on_real_plus_synthetic_pairs(corpus):
+def test_the_evaluation_judges_the_pairs_with_a_segmentation_model(corpus, tmp_path):
+    """evaluate.segmentation: U-Nets on real train pairs and on those plus the corpus's pairs, as Ray tasks,
+    in metrics.json and the report beside FID."""
     root, out, _, _ = corpus
-    recs = real_records(root)
-    real = {s: select(recs, [s]) for s in ("train", "val", "test")}
-    cfg = SegmentationConfig(image_size=32, channels=[8, 16, 32], epochs=2, seeds=[0, 1], ratios=[0, 1])
-    res = run_segmentation(real, {"controlnet": load_dataset(out).records}, cfg)
-    assert res["n_failed"] == 0 and len(res["runs"]) == 4  # (real only, ratio 1) x 2 seeds, Ray tasks
-    rows = {r["arm"]: r for r in res["summary"]}
-    assert set(rows) == {"real-only", "ratio 1"} and rows["ratio 1"]["n_synthetic"] == [len(real["train"])]
+    seg = "evaluate.segmentation"
+    sets = [f"data.root={root}", f"evaluate.synthetic={out / SAMPLES}", f"evaluate.out={tmp_path / 'eval'}",
+            f"evaluate.fid.cache_dir={shared_cache_dir()}", "evaluate.fid.bootstrap=0",
+            "evaluate.fid.device=cpu", "evaluate.classifier.enabled=false",
+            "evaluate.memorization.enabled=false",
+            f"{seg}.enabled=true", f"{seg}.image_size=32", f"{seg}.channels=[8, 16, 32]", f"{seg}.epochs=2",
+            f"{seg}.seeds=[0, 1]", f"{seg}.ratios=[0, 1]", f"{seg}.device=cpu"]
+    cfg = load_config(None, sets)
+    res = run_evaluate(cfg)
+    judged = json.loads(Path(res.metrics_path).read_text())["segmentation"]
+    assert judged["enabled"] and judged["n_failed"] == 0 and len(judged["runs"]) == 4  # 2 arms x 2 seeds
+    rows = {r["arm"]: r for r in judged["summary"]}
+    # ratio 1 asks as many synthetic pairs as real ones: the corpus's 6 are used whole
+    assert set(rows) == {"real-only", "ratio 1"} and rows["ratio 1"]["n_synthetic"] == [6]
     assert rows["ratio 1"]["vs_real_only"]["dice_lesion"]["n_pairs"] == 2  # paired by seed
-    assert all(0 <= r["test"]["dice_lesion"] <= 1 for r in res["runs"])
+    assert all(0 <= r["test"]["dice_lesion"] <= 1 for r in judged["runs"])
+    html = (tmp_path / "eval" / "report.html").read_text()
+    assert "<h2>Segmentation judge</h2>" in html and "<td class=l>ratio 1</td>" in html

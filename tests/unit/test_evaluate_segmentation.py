@@ -56,3 +56,15 @@ def test_the_judge_is_off_by_default_and_checks_its_size():
     assert load_config(None, []).evaluate.segmentation.enabled is False
     with pytest.raises(ValueError, match="image_size=60 must be divisible by 2\\*\\*\\(levels-1\\) = 8"):
         SegmentationConfig(image_size=60)
+
+
+def test_a_folder_that_is_no_sink_of_pairs_is_refused_naming_the_field(tmp_path):
+    from busdiff.evaluate.inputs import InputError
+    from busdiff.evaluate.segmentation import corpus_pairs
+    from tests.unit.evaluate_fixture import synthetic_folder
+
+    folder = synthetic_folder(tmp_path / "samples", 2)
+    with pytest.raises(InputError, match=r"evaluate.synthetic=.*samples/ folder of a generation sink"):
+        corpus_pairs(str(folder))
+    with pytest.raises(InputError, match=r"object storage: not yet"):
+        corpus_pairs("s3://bucket/gen/samples")

@@ -120,3 +120,12 @@ def test_the_mask_shapes_the_image_and_uncontrolled_rows_match_the_plain_pipelin
     img = Img2Img(cfg, steps=4, guidance=1.0, strength=0.5, controlnet=control)
     refined = img({**batch, "t2i": out, "refine_seed": np.array([2, 2, 2])})["refined"]
     assert refined.shape == out.shape and not np.array_equal(refined[0], refined[1])
+
+
+def test_what_a_controlnet_cannot_do_is_refused_naming_the_fields():
+    with pytest.raises(ConfigError, match="generate.handoff=image"):
+        load_config(None, ["generate.controlnet.model=preset", "generate.handoff=latent"])
+    with pytest.raises(ConfigError, match="not with generate.source"):
+        load_config(None, ["generate.controlnet.model=preset", "generate.source=/data/busi"])
+    with pytest.raises(ConfigError, match="0 < lo <= hi"):
+        load_config(None, ["generate.controlnet.transform.scale=[1.2, 0.8]"])

@@ -371,6 +371,33 @@ def _classifier_section(clf: dict[str, Any]) -> str:
     return "\n".join(parts)
 
 
+def _segmentation_section(seg: dict[str, Any]) -> str:
+    """The segmentation judge's table: per arm, test Dice/IoU (mean ± std over seeds) and the paired
+    difference in lesion Dice from real only."""
+    if not seg.get("enabled"):
+        return ("<p class=note>Segmentation judge disabled (evaluate.segmentation.enabled=false; it needs a "
+                "corpus with masks: generate.controlnet).</p>")
+
+    def ms(v: dict[str, Any]) -> str:
+        return f"{_f(v['mean'], 3)} ± {_f(v['std'], 3)}" if v["std"] is not None else _f(v["mean"], 3)
+
+    cols = ("dice_benign", "dice_malignant", "dice_lesion", "iou_lesion", "normal_false_positive")
+    out = [f"<p>{html.escape(seg['model'])}; real pairs {html.escape(str(seg['n_real']))}; "
+           f"{seg['n_failed']} failed run(s). normal_false_positive: share of normal test images with any "
+           "predicted lesion pixel.</p>",
+           "<table><tr><th class=l>arm</th><th>synthetic pairs</th>"
+           + "".join(f"<th>{c}</th>" for c in cols)
+           + "<th>Δ dice_lesion vs real only (wins/losses)</th></tr>"]
+    for r in seg["summary"]:
+        vs = (r.get("vs_real_only") or {}).get("dice_lesion")
+        d = f"{vs['mean_diff']:+.3f} ({vs['wins']}/{vs['losses']})" if vs else "–"
+        out.append(f"<tr><td class=l>{html.escape(r['arm'])}</td>"
+                   f"<td>{html.escape(str(r['n_synthetic']))}</td>"
+                   + "".join(f"<td>{ms(r[c])}</td>" for c in cols) + f"<td>{d}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 def _memorization_section(mem: dict[str, Any], max_shown: int) -> str:
     if not mem.get("enabled", True):
         return "<p class=note>Memorization audit disabled (evaluate.memorization.enabled=false).</p>"
@@ -496,6 +523,8 @@ def render_html(metrics: dict[str, Any], grid: Image.Image, max_near_copies: int
     parts += _leakage_section(leak)
     parts.append("<h2>Downstream classifier</h2>")
     parts.append(_classifier_section(metrics["classifier"]))
+    parts.append("<h2>Segmentation judge</h2>")
+    parts.append(_segmentation_section(metrics.get("segmentation") or {}))
     parts.append("<h2>Memorization audit</h2>")
     parts.append(_memorization_section(metrics["memorization"], max_near_copies))
     parts.append("</body></html>")

@@ -5,7 +5,8 @@
 3. Inception features of every image through the content-keyed cache (misses as Ray tasks).
 4. FID/KID per class and for all classes, each with its bootstrap interval and the matched-size
    real-vs-real floor; the paper's protocol beside them, labelled.
-5. Memorization audit; 6. classifier experiments as Ray tasks; 7. metrics.json + report.html.
+5. Memorization audit; 6. classifier experiments and (with image + mask pairs) the segmentation judge as
+   Ray tasks; 7. metrics.json + report.html.
 
 The caller connects to Ray (jobs/evaluate.py, ``busdiff evaluate``); the library never calls ray.init.
 """
@@ -31,6 +32,7 @@ from busdiff.evaluate.inputs import InputError, item_of
 from busdiff.evaluate.judged import feature_extractor, judged_inputs
 from busdiff.evaluate.memorization import audit
 from busdiff.evaluate.report import png_bytes, render_html, sample_grid
+from busdiff.evaluate.segmentation import corpus_pairs, run_segmentation
 from busdiff.provenance import package_versions
 from busdiff.storage import write_bytes, write_text
 
@@ -108,6 +110,10 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
     records, train, val, held, guard = j.records, j.train, j.val, j.held, j.guard
     synthetic, synthetic_refused = j.synthetic["synthetic"], j.synthetic_refused["synthetic"]
     provenance = j.provenance["synthetic"]
+    pairs = None
+    if ev.segmentation.enabled:  # the sink's image + mask pairs, checked before any expensive work
+        kept = {it.sha256 for it in synthetic}
+        pairs = [r for r in corpus_pairs(ev.synthetic) if r.sha256 in kept]  # after the leakage guard
 
     lap("inputs and leakage")
 
@@ -196,6 +202,21 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
 
     lap("classifier")
 
+    # 6b. segmentation judge (image + mask pairs of a ControlNet corpus)
+    seg: dict[str, Any] = {"enabled": False}
+    if pairs is not None:
+        import ray
+
+        if not ray.is_initialized():
+            raise RuntimeError("the segmentation judge runs as Ray tasks: connect to Ray first "
+                               "(busdiff.raycluster.connect), or set evaluate.segmentation.enabled=false")
+        by_id = {r.id: r for r in records}
+        real = {"train": [by_id[it.id] for it in train], "val": [by_id[it.id] for it in val],
+                "test": [by_id[it.id] for it in held]}
+        seg = {**run_segmentation(real, {"synthetic": pairs}, ev.segmentation), "enabled": True}
+
+    lap("segmentation")
+
     # 7. outputs
     s = ext.stats
     metrics: dict[str, Any] = {
@@ -235,6 +256,7 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
         "fidelity": fidelity,
         "memorization": memo,
         "classifier": clf,
+        "segmentation": seg,
     }
     grid = sample_grid(synthetic, held, classes, ev.grid_per_class)
     lap("report")

@@ -234,3 +234,28 @@ def run_segmentation(real: dict[str, Sequence[ImageRecord]], synthetic: dict[str
         "timing": {"load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                    "sum_run_s": round(sum(r.get("seconds", 0) for r in ok), 2)},
     }
+
+
+def corpus_pairs(synthetic: str) -> list[ImageRecord]:
+    """The image + mask records of the generation sink whose ``samples/`` folder is ``synthetic``: an
+    InputError naming the field when it is not one, or when it was generated without a ControlNet (no
+    masks to train on). Local sinks only, for now."""
+    from busdiff.data.busi import load_dataset
+    from busdiff.data.records import DatasetError
+    from busdiff.evaluate.inputs import InputError
+    from busdiff.storage import is_uri, local_path
+
+    field = f"evaluate.synthetic={synthetic}"
+    if is_uri(synthetic):
+        raise InputError(f"{field}: the segmentation judge reads a local sink (object storage: not yet); "
+                         "copy it to local disk or set evaluate.segmentation.enabled=false")
+    sink = local_path(synthetic).resolve().parent
+    try:
+        records = load_dataset(sink, layout="corpus").records
+    except DatasetError as e:
+        raise InputError(f"{field}: the segmentation judge needs the samples/ folder of a generation sink "
+                         f"(image + mask pairs): {str(e).splitlines()[0]}") from None
+    if any(not r.mask_paths for r in records):
+        raise InputError(f"{field}: its images have no masks (generated without generate.controlnet): "
+                         "nothing to train a segmentation model on; set evaluate.segmentation.enabled=false")
+    return records
