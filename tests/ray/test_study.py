@@ -43,8 +43,10 @@ def test_every_configuration_is_judged_in_study_json_and_the_report(study):
     assert res.study_json == f"{OUT}/study.json"
     doc = json.loads(_text("study.json"))
     rows = {r["name"]: r for r in doc["configurations"]}
-    assert list(rows) == ["real", "base", "lora", "lora_ti", "lora_ti_refined"]
-    for name in ("base", "lora", "lora_ti", "lora_ti_refined"):
+    synthetic = ["base", "lora", "lora_ti", "lora_ti_refined",
+                 "lora_ti_controlnet", "lora_ti_controlnet_refined"]
+    assert list(rows) == ["real", *synthetic]
+    for name in synthetic:
         assert set(rows[name]["fid"]) == {"benign", "malignant", "normal", "all"}, name
         assert rows[name]["fid"]["all"] > 0 and rows[name]["floor"]["all"] > 0
         assert rows[name]["n_synthetic"]["all"] == 12
@@ -53,10 +55,18 @@ def test_every_configuration_is_judged_in_study_json_and_the_report(study):
     assert rows["lora_ti_refined"]["images"].endswith("samples")
     assert rows["lora_ti"]["fid"] != rows["lora_ti_refined"]["fid"]
     assert rows["real"]["synthetic"] is False and "fid" not in rows["real"]
+    # the ControlNet pair: one more sink (with masks/), judged by the segmentation model too
+    assert rows["lora_ti_controlnet"]["images"].endswith("text2img")
+    cn = rows["lora_ti_controlnet_refined"]["images"].removesuffix("/samples")
+    assert cn != rows["lora_ti_refined"]["images"].removesuffix("/samples")
+    assert all(rows[n]["segmentation"] is None for n in synthetic[:4])
+    for name in synthetic[4:]:
+        seg = {r["arm"]: r for r in rows[name]["segmentation"]["rows"]}
+        assert set(seg) == {"real-only", "ratio 1"} and seg["ratio 1"]["dice_lesion"]["mean"] is not None
     html = _text("report.html")
-    assert all(f"<td class=l>{n}</td>" in html for n in ("base", "lora", "lora_ti", "lora_ti_refined"))
-    assert "Published figures" in html and "45.97" in html
-    assert html.count("<img") == 4  # a sample grid per synthetic configuration, its images read from S3
+    assert all(f"<td class=l>{n}</td>" in html for n in synthetic)
+    assert "Published figures" in html and "45.97" in html and "Segmentation judge" in html
+    assert html.count("<img") == 6  # a sample grid per synthetic configuration, its images read from S3
     assert sorted(k.split("/")[0] for k in res.ran).count("finetune") == 1
 
 
@@ -93,6 +103,6 @@ def test_a_changed_configuration_reruns_only_what_depends_on_it(study):
     _, sets, _ = study
     res = run_study(load_config(TINY, [*sets, "generate.strength=0.7"]))
     kinds = sorted(k.split("/")[0] for k in res.ran)
-    # strength is img2img only: the refined sink and its two evaluations rerun, nothing else
-    assert kinds == ["classifier", "evaluate", "evaluate", "generate"], res.ran
+    # strength is img2img only: the two refined sinks and their four evaluations rerun, nothing else
+    assert kinds == ["classifier", *["evaluate"] * 4, "generate", "generate"], res.ran
     assert not any(k.startswith("finetune/") for k in res.ran)

@@ -4,6 +4,8 @@ run again for the same seed."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -58,13 +60,17 @@ def test_the_judge_is_off_by_default_and_checks_its_size():
         SegmentationConfig(image_size=60)
 
 
-def test_a_folder_that_is_no_sink_of_pairs_is_refused_naming_the_field(tmp_path):
-    from busdiff.evaluate.inputs import InputError
+def test_images_without_masks_are_refused_naming_the_field(tmp_path):
+    from busdiff.evaluate.inputs import InputError, read_synthetic
     from busdiff.evaluate.segmentation import corpus_pairs
     from tests.unit.evaluate_fixture import synthetic_folder
 
-    folder = synthetic_folder(tmp_path / "samples", 2)
-    with pytest.raises(InputError, match=r"evaluate.synthetic=.*samples/ folder of a generation sink"):
-        corpus_pairs(str(folder))
-    with pytest.raises(InputError, match=r"object storage: not yet"):
-        corpus_pairs("s3://bucket/gen/samples")
+    folder = synthetic_folder(tmp_path / "sink" / "samples", 2)
+    items = read_synthetic(folder, ["benign", "malignant", "normal"])
+    with pytest.raises(InputError, match=r"evaluate.synthetic=.*samples: no masks/ beside it"):
+        corpus_pairs(str(folder), items)
+    lone = tmp_path / "sink" / "masks" / "benign" / f"{Path(items[0].path).stem}.png"
+    lone.parent.mkdir(parents=True)
+    lone.write_bytes(Path(items[0].path).read_bytes())
+    with pytest.raises(InputError, match=r"5 image\(s\) have no mask in .*/masks, e.g. benign/"):
+        corpus_pairs(str(folder), items)

@@ -31,6 +31,7 @@ from PIL import Image
 
 from busdiff.config import CLASSES
 from busdiff.data.records import BadFile, DatasetError, ImageRecord, LoadResult
+from busdiff.storage import readable
 
 LAYOUTS = ("auto", "kaggle", "manifest", "corpus")
 CORPUS_METADATA = "samples/metadata.parquet"
@@ -396,12 +397,12 @@ def read_mask(record: ImageRecord, size: tuple[int, int] | None = None) -> np.nd
         if record.width > 0 and record.height > 0:
             size = (record.width, record.height)
         else:
-            with Image.open(record.image_path) as im:
+            with Image.open(readable(record.image_path)) as im:
                 size = im.size
     w, h = int(size[0]), int(size[1])
     union = np.zeros((h, w), dtype=bool)
     for p in record.mask_paths:
-        with Image.open(p) as im:
+        with Image.open(readable(p)) as im:  # a local file, or an object (busdiff.storage)
             im.load()
             fg = _mask_bool(im)
         if fg.shape != (h, w):
@@ -411,7 +412,7 @@ def read_mask(record: ImageRecord, size: tuple[int, int] | None = None) -> np.nd
 
 
 def read_image(record: ImageRecord) -> Image.Image:
-    """The record's image, decoded, as an RGB PIL image."""
-    with Image.open(record.image_path) as im:
+    """The record's image, decoded, as an RGB PIL image (a local file, or an object: busdiff.storage)."""
+    with Image.open(readable(record.image_path)) as im:
         im.load()
         return im.convert("RGB")

@@ -111,9 +111,8 @@ def run_evaluate(cfg: BusdiffConfig) -> EvaluateResult:
     synthetic, synthetic_refused = j.synthetic["synthetic"], j.synthetic_refused["synthetic"]
     provenance = j.provenance["synthetic"]
     pairs = None
-    if ev.segmentation.enabled:  # the sink's image + mask pairs, checked before any expensive work
-        kept = {it.sha256 for it in synthetic}
-        pairs = [r for r in corpus_pairs(ev.synthetic) if r.sha256 in kept]  # after the leakage guard
+    if ev.segmentation.enabled:  # the judged images' masks, checked before any expensive work
+        pairs = corpus_pairs(ev.synthetic, synthetic)
 
     lap("inputs and leakage")
 

@@ -20,6 +20,7 @@ import copy
 import time
 import traceback
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,6 +31,7 @@ from busdiff.config import SegmentationConfig
 from busdiff.data.busi import read_image, read_mask
 from busdiff.data.records import ImageRecord
 from busdiff.evaluate.classifier import REAL_ONLY, paired_difference, synthetic_subset
+from busdiff.evaluate.features import ImageItem
 
 LESIONS = ("benign", "malignant")
 _SPEC_FIELDS = {"channels", "num_res_units", "epochs", "batch_size", "lr", "threshold", "device"}
@@ -39,7 +41,7 @@ def pair_arrays(records: Sequence[ImageRecord], size: int) -> tuple[np.ndarray, 
     """``(images, masks)``: float32 N×1×size×size grayscale in [0, 1] and uint8 N×1×size×size in {0, 1}
     (the union of each record's mask files; none: an empty mask)."""
     xs, ys = [], []
-    for r in records:
+    for r in records:  # local files or objects (busdiff.storage)
         image = read_image(r).convert("L").resize((size, size), Image.Resampling.BICUBIC)
         xs.append(np.asarray(image, dtype=np.float32) / 255)
         ys.append(read_mask(r, (size, size)) > 0)
@@ -236,26 +238,28 @@ def run_segmentation(real: dict[str, Sequence[ImageRecord]], synthetic: dict[str
     }
 
 
-def corpus_pairs(synthetic: str) -> list[ImageRecord]:
-    """The image + mask records of the generation sink whose ``samples/`` folder is ``synthetic``: an
-    InputError naming the field when it is not one, or when it was generated without a ControlNet (no
-    masks to train on). Local sinks only, for now."""
-    from busdiff.data.busi import load_dataset
-    from busdiff.data.records import DatasetError
+def corpus_pairs(synthetic: str, items: Sequence[ImageItem]) -> list[ImageRecord]:
+    """The image + mask records of ``items``, the judged images of ``synthetic`` (a generation sink's
+    ``samples/`` or ``text2img/``, local or in an object store): each image's mask is the sink's
+    ``masks/<class>/<id>.png``. An InputError naming the field when the sink has no masks (generated
+    without generate.controlnet) or an image lacks its mask."""
     from busdiff.evaluate.inputs import InputError
-    from busdiff.storage import is_uri, local_path
+    from busdiff.storage import list_dir
 
     field = f"evaluate.synthetic={synthetic}"
-    if is_uri(synthetic):
-        raise InputError(f"{field}: the segmentation judge reads a local sink (object storage: not yet); "
-                         "copy it to local disk or set evaluate.segmentation.enabled=false")
-    sink = local_path(synthetic).resolve().parent
-    try:
-        records = load_dataset(sink, layout="corpus").records
-    except DatasetError as e:
-        raise InputError(f"{field}: the segmentation judge needs the samples/ folder of a generation sink "
-                         f"(image + mask pairs): {str(e).splitlines()[0]}") from None
-    if any(not r.mask_paths for r in records):
-        raise InputError(f"{field}: its images have no masks (generated without generate.controlnet): "
-                         "nothing to train a segmentation model on; set evaluate.segmentation.enabled=false")
+    sink = str(synthetic).rstrip("/").rsplit("/", 1)[0]
+    if list_dir(f"{sink}/masks") is None:
+        raise InputError(f"{field}: no masks/ beside it (generated without generate.controlnet?): nothing to "
+                         "train a segmentation model on; set evaluate.segmentation.enabled=false")
+    listed = {c: set((list_dir(f"{sink}/masks/{c}") or ([], []))[0]) for c in {it.label for it in items}}
+    records, missing = [], []
+    for it in items:
+        name = f"{Path(it.path).stem}.png"
+        if name not in listed[it.label]:
+            missing.append(f"{it.label}/{name}")
+        mask = f"{sink}/masks/{it.label}/{name}"
+        records.append(ImageRecord(Path(it.path).stem, it.path, it.label, (mask,), "synthetic",
+                                   sha256=it.sha256))
+    if missing:
+        raise InputError(f"{field}: {len(missing)} image(s) have no mask in {sink}/masks, e.g. {missing[0]}")
     return records

@@ -85,7 +85,7 @@ def controlnet_pipeline(pipe: Any, model: ModelConfig | dict[str, Any], controln
     from busdiff.models.presets import load_controlnet
 
     cfg = model if isinstance(model, ModelConfig) else ModelConfig(**model)
-    cn = load_controlnet(controlnet, cfg, pipe.unet, pipe.unet.dtype).to(pipe.device)
+    cn = load_controlnet(controlnet, cfg, pipe.unet.dtype).to(pipe.device)
     cls = (StableDiffusionControlNetPipeline if "Img2Img" not in type(pipe).__name__
            else StableDiffusionControlNetImg2ImgPipeline)
     parts = {k: v for k, v in pipe.components.items() if k != "image_encoder"}

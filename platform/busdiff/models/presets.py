@@ -426,9 +426,10 @@ def preset_controlnet(unet: UNet2DConditionModel, seed: int, random_zero_convs: 
     return cn.eval()
 
 
-def load_controlnet(model: str, cfg: ModelConfig, unet: UNet2DConditionModel, dtype: torch.dtype) -> Any:
+def load_controlnet(model: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
     """The ControlNetModel of ``generate.controlnet.model``: ``preset`` (see :func:`preset_controlnet`; for
-    the tiny and miniature bases only), a local diffusers folder, or a hub id."""
+    the tiny and miniature bases only, made from the base's own UNet, without any adapter), a local
+    diffusers folder, or a hub id."""
     from diffusers import ControlNetModel
 
     if model == "preset":
@@ -438,7 +439,8 @@ def load_controlnet(model: str, cfg: ModelConfig, unet: UNet2DConditionModel, dt
                 f"{cfg.preset!r}: give a ControlNet folder or hub id (the authors': "
                 "lllyasviel/sd-controlnet-canny)"
             )
-        return preset_controlnet(unet, cfg.seed, random_zero_convs=cfg.preset == "tiny").to(dtype=dtype)
+        base, _ = load_pipelines(cfg.model_copy(update={"dtype": "float32"}), torch.device("cpu"))
+        return preset_controlnet(base.unet, cfg.seed, random_zero_convs=cfg.preset == "tiny").to(dtype=dtype)
     path = Path(model).expanduser()
     try:
         if path.exists():

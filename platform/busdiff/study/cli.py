@@ -18,8 +18,9 @@ def run_study_command(config: str | None, overrides: list[str]) -> int:
     cfg = command_config(config, overrides, "study")  # config errors before the heavy imports
 
     from busdiff.study.plan import build_study_plan
-    from busdiff.study.run import run_study
+    from busdiff.study.run import run_study, write_study_phantoms
 
+    write_study_phantoms(cfg)  # (the plan of a ControlNet configuration reads data.root's masks)
     build_study_plan(cfg)  # bad configurations: an error naming the field, before Ray starts
     connect_for(cfg, "study")
     res = run_study(cfg)

@@ -152,6 +152,10 @@ def build_study_plan(cfg: BusdiffConfig) -> StudyPlan:
         if not arm.synthetic:
             continue
         ev = cfg.evaluate
+        # the segmentation judge needs image + mask pairs: only the arms generated with a ControlNet
+        pairs = runs[arm.generate].cfg.generate.controlnet is not None
+        ev = ev.model_copy(update={"segmentation": ev.segmentation.model_copy(
+            update={"enabled": ev.segmentation.enabled and pairs})})
         judging = ev.model_dump(mode="json", exclude=_NOT_EVALUATION_RECIPE)
         ev_key = recipe_key(data_key, cfg.quality.model_dump(mode="json"), judging, runs[arm.generate].key,
                             a.images, adapters)

@@ -82,19 +82,44 @@ def _classifier_table(rows: list[dict[str, Any]]) -> str:
     return "".join(out)
 
 
+SEGMENTATION_METRICS = ("dice_benign", "dice_malignant", "dice_lesion", "iou_lesion")
+
+
+def _segmentation_table(rows: list[dict[str, Any]]) -> str:
+    """Test Dice / IoU of the segmentation judge per ControlNet configuration: real-only pairs, and real +
+    the configuration's synthetic pairs, with the paired difference in lesion Dice."""
+    head = "".join(f"<th>{k}</th>" for k in SEGMENTATION_METRICS)
+    out = [f"<table><tr><th class=l>configuration</th><th class=l>training pairs</th>{head}"
+           "<th>Δ dice_lesion vs real only</th></tr>"]
+    for r in rows:
+        for s in (r.get("segmentation") or {}).get("rows", []):
+            cells = "".join(f"<td>{_mean_std(s.get(k))}</td>" for k in SEGMENTATION_METRICS)
+            diff = (s.get("vs_real_only") or {}).get("dice_lesion") or {}
+            d = "–" if diff.get("mean_diff") is None else (
+                f"{diff['mean_diff']:+.3f} (wins {diff.get('wins', '–')}/{diff.get('n_pairs', '–')})")
+            out.append(f"<tr><td class=l>{html.escape(r['name'])}</td><td class=l>{html.escape(s['arm'])}"
+                       f"</td>{cells}<td>{d}</td></tr>")
+    out.append("</table>")
+    return "".join(out)
+
+
 def _pngs(folder: str, n: int) -> list[str]:
     listed = list_dir(folder)
     return [f"{folder}/{name}" for name in (listed[0] if listed else []) if name.endswith(".png")][:n]
 
 
 def _grid(row: dict[str, Any], classes: list[str], n: int) -> Image.Image | None:
-    """``n`` images per class; a refined configuration shows each text2img image beside its refinement.
-    The folders may be local or in an object store."""
+    """``n`` images per class; a refined configuration shows each text2img image beside its refinement,
+    a ControlNet one each image's mask before it (mask | image, or mask | text2img | refined). The folders
+    may be local or in an object store."""
     folder = row["images"].rstrip("/")
     rows = [_pngs(f"{folder}/{c}", n) for c in classes]
     parent, name = folder.rsplit("/", 1)
-    if name == "samples" and list_dir(f"{parent}/text2img") is not None:
-        rows = [[q for p in r for q in (p.replace(f"{folder}/", f"{parent}/text2img/", 1), p)] for r in rows]
+    before = [d for d in ("masks", "text2img") if (d != "text2img" or name == "samples")
+              and list_dir(f"{parent}/{d}") is not None]
+    if before:
+        rows = [[q for p in r for q in (*(p.replace(f"{folder}/", f"{parent}/{d}/", 1) for d in before), p)]
+                for r in rows]
     if not any(rows):
         return None
     images = [[Image.open(readable(p)).convert("RGB") for p in r] for r in rows]
@@ -175,6 +200,11 @@ def render_report(study: dict[str, Any], plan: StudyPlan, per_class: int | None 
     parts += ["<h2>Downstream classifier (test split, mean ± std over seeds)</h2>",
               _classifier_table(rows) if any(r.get("classifier") for r in rows) else
               "<p class=note>Classifier experiments are off (evaluate.classifier.enabled).</p>"]
+    if any(r.get("segmentation") for r in rows):
+        parts += ["<h2>Segmentation judge (test split, mean ± std over seeds)</h2>",
+                  "<p>A U-Net trained on the real train image + mask pairs alone, and on those plus the "
+                  "configuration's synthetic pairs (its masks/); Dice and IoU on the real test images.</p>",
+                  _segmentation_table(rows)]
     parts.append("<h2>Samples</h2>")
     for r in rows:
         if not r["synthetic"]:

@@ -70,6 +70,14 @@ def _memorization(metrics: dict[str, Any]) -> dict[str, Any] | None:
             "real_baseline": m.get("real_baseline")}
 
 
+def _segmentation(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The segmentation judge's rows (real only, then each ratio) of a ControlNet configuration."""
+    seg = metrics.get("segmentation") or {}
+    if not seg.get("enabled"):
+        return None
+    return {"rows": seg["summary"], "n_real": seg["n_real"], "n_failed": seg["n_failed"]}
+
+
 def join_results(plan: StudyPlan, cfg: BusdiffConfig) -> dict[str, Any]:
     """study.json's content; see the module docstring."""
     clf = None
@@ -84,6 +92,7 @@ def join_results(plan: StudyPlan, cfg: BusdiffConfig) -> dict[str, Any]:
             metrics = _read_json(metrics_path)
             row.update(_fidelity(metrics))
             row["memorization"] = _memorization(metrics)
+            row["segmentation"] = _segmentation(metrics)
             leak = metrics["leakage"]
             row["leakage"] = {k: len(leak.get(k) or []) for k in ("refused", "synthetic_refused")}
             row["metrics"] = metrics_path

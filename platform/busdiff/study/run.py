@@ -90,20 +90,26 @@ def record_path(plan: StudyPlan, run: StageRun) -> str:
     return f"{plan.out}/stages/{run.kind}-{run.key}.json"
 
 
-def run_study(cfg: BusdiffConfig) -> StudyResult:
-    """Run the study of ``cfg.study``; see the module docstring."""
-    t0 = time.perf_counter()
-    plan = build_study_plan(cfg)  # every override checked before any work
-    runs = list(plan.runs.values())
-    todo = [r for r in runs if read_bytes(record_path(plan, r)) is None]
-    _say(f"{len(plan.arms)} configurations ({', '.join(a.name for a in plan.arms)}), {len(runs)} stage runs, "
-         f"{len(runs) - len(todo)} finished before, {len(todo)} to run; out {plan.out}")
+def write_study_phantoms(cfg: BusdiffConfig) -> None:
+    """With ``study.phantom_data``, the phantom data set in data.root (once): before the plan, which reads
+    the masks of data.root for a ControlNet configuration."""
     if cfg.study.phantom_data:
         from busdiff.data.phantom import write_phantom_once
 
         p = cfg.phantom
         if write_phantom_once(cfg.data.root, p.n_per_class, seed=p.seed, size=p.size):
             _say(f"phantom data: {p.n_per_class} per class at {p.size} px -> {cfg.data.root}")
+
+
+def run_study(cfg: BusdiffConfig) -> StudyResult:
+    """Run the study of ``cfg.study``; see the module docstring."""
+    t0 = time.perf_counter()
+    write_study_phantoms(cfg)
+    plan = build_study_plan(cfg)  # every override checked before any stage runs
+    runs = list(plan.runs.values())
+    todo = [r for r in runs if read_bytes(record_path(plan, r)) is None]
+    _say(f"{len(plan.arms)} configurations ({', '.join(a.name for a in plan.arms)}), {len(runs)} stage runs, "
+         f"{len(runs) - len(todo)} finished before, {len(todo)} to run; out {plan.out}")
     if todo and cfg.model.preset == "miniature":
         from busdiff.models.presets import resolve_miniature
 
