@@ -515,6 +515,14 @@ class FidelityConfig(_Strict):
     seed: int = 0
 
 
+def _check_arms(ratios: list[float], seeds: list[int]) -> None:
+    """The ratios and seeds of a judge's experiments (classifier, segmentation)."""
+    if any(r < 0 for r in ratios):
+        raise ValueError(f"ratios must be >= 0, got {ratios}")
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds must be distinct, got {seeds}")
+
+
 class ClassifierConfig(_Strict):
     """Downstream classifier experiments: real-train (+ synthetic at ratios, or topped up to a count per
     class), several seeds, one Ray task per run."""
@@ -552,10 +560,7 @@ class ClassifierConfig(_Strict):
 
     @model_validator(mode="after")
     def _ratios_ok(self) -> ClassifierConfig:
-        if any(r < 0 for r in self.ratios):
-            raise ValueError(f"ratios must be >= 0, got {self.ratios}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        _check_arms(self.ratios, self.seeds)
         if self.model == self.FROZEN and self.pretrained:
             raise ValueError("pretrained is for timm models; inception-frozen uses the FID Inception weights")
         return self
@@ -586,10 +591,7 @@ class SegmentationConfig(_Strict):
         if self.image_size % 2 ** (len(self.channels) - 1):
             raise ValueError(f"image_size={self.image_size} must be divisible by 2**(levels-1) = "
                              f"{2 ** (len(self.channels) - 1)} for channels {self.channels}")
-        if any(r < 0 for r in self.ratios):
-            raise ValueError(f"ratios must be >= 0, got {self.ratios}")
-        if len(set(self.seeds)) != len(self.seeds):
-            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        _check_arms(self.ratios, self.seeds)
         return self
 
 

@@ -405,9 +405,10 @@ def paired_difference(base_runs: list[dict], runs: list[dict], metric: str) -> d
     return out
 
 
-def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
-    """One row per (set, arm), in the order of ``runs``: mean +/- std over seeds, per-class recall means,
-    and (but for real only) ``vs_real_only``, the paired difference by seed to the shared real-only runs."""
+def summarize_by_arm(runs: list[dict], scalars: Sequence[str]) -> list[dict[str, Any]]:
+    """One row per (set, arm), in the order of ``runs``: mean +/- std over seeds of each test figure in
+    ``scalars``, and (but for real only) ``vs_real_only``, the paired difference by seed to the shared
+    real-only runs. Shared by the classifier and the segmentation judge."""
     groups: dict[tuple[str | None, str], list[dict]] = {}
     for r in runs:
         groups.setdefault((r["set"], r["arm"]), []).append(r)
@@ -423,7 +424,7 @@ def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
             "n_failed": len(group) - len(ok),
             "n_synthetic": sorted({r["n_train_synthetic"] for r in ok}),
         }
-        for m in SCALARS:
+        for m in scalars:
             vals = [r["test"].get(m) for r in ok if r["test"].get(m) is not None]
             row[m] = {
                 "mean": float(np.mean(vals)) if vals else None,
@@ -431,6 +432,15 @@ def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
             }
             if arm != REAL_ONLY:
                 row.setdefault("vs_real_only", {})[m] = paired_difference(base, group, m)
+        rows.append(row)
+    return rows
+
+
+def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
+    """:func:`summarize_by_arm` of the classifier's figures, with each row's per-class recall means."""
+    rows = summarize_by_arm(runs, SCALARS)
+    for row in rows:
+        ok = [r for r in runs if (r["set"], r["arm"]) == (row["set"], row["arm"]) and r["status"] == "ok"]
         row["recall"] = {
             c: (
                 float(np.mean(v))
@@ -439,7 +449,6 @@ def summarize(runs: list[dict], classes: Sequence[str]) -> list[dict[str, Any]]:
             )
             for c in classes
         }
-        rows.append(row)
     return rows
 
 

@@ -30,7 +30,7 @@ from PIL import Image
 from busdiff.config import SegmentationConfig
 from busdiff.data.busi import read_image, read_mask
 from busdiff.data.records import ImageRecord
-from busdiff.evaluate.classifier import REAL_ONLY, paired_difference, synthetic_subset
+from busdiff.evaluate.classifier import REAL_ONLY, summarize_by_arm, synthetic_subset
 from busdiff.evaluate.features import ImageItem
 
 LESIONS = ("benign", "malignant")
@@ -149,29 +149,6 @@ def _task(spec: dict[str, Any], arrays: dict[str, np.ndarray]) -> dict[str, Any]
         raise RuntimeError(f"segmentation run {where} failed: {e}\n{traceback.format_exc(limit=5)}") from None
 
 
-def summarize(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """One row per (set, arm): mean +/- std over seeds of every score, and (but for real only) the paired
-    difference by seed to the shared real-only runs (``vs_real_only``)."""
-    groups: dict[tuple[str | None, str], list[dict]] = {}
-    for r in runs:
-        groups.setdefault((r["set"], r["arm"]), []).append(r)
-    base = groups.get((None, REAL_ONLY), [])
-    rows = []
-    for (name, arm), group in groups.items():
-        ok = [r for r in group if r["status"] == "ok"]
-        row: dict[str, Any] = {"set": name, "arm": arm, "ratio": group[0]["ratio"], "n_ok": len(ok),
-                               "n_failed": len(group) - len(ok),
-                               "n_synthetic": sorted({r["n_train_synthetic"] for r in ok})}
-        for m in SCALARS:
-            vals = [r["test"][m] for r in ok if r["test"].get(m) is not None]
-            row[m] = {"mean": float(np.mean(vals)) if vals else None,
-                      "std": float(np.std(vals, ddof=1)) if len(vals) > 1 else None}
-            if arm != REAL_ONLY:
-                row.setdefault("vs_real_only", {})[m] = paired_difference(base, group, m)
-        rows.append(row)
-    return rows
-
-
 def run_segmentation(real: dict[str, Sequence[ImageRecord]], synthetic: dict[str, Sequence[ImageRecord]],
                      cfg: SegmentationConfig) -> dict[str, Any]:
     """Every run as a Ray task (the caller has connected to Ray), all launched before any is awaited.
@@ -232,7 +209,7 @@ def run_segmentation(real: dict[str, Sequence[ImageRecord]], synthetic: dict[str
         "n_synthetic_available": {n: {c: len(v) for c, v in p.items()} for n, p in pools.items()},
         "runs": runs,
         "n_failed": len(runs) - len(ok),
-        "summary": summarize(runs),
+        "summary": summarize_by_arm(runs, SCALARS),
         "timing": {"load_s": round(load_s, 2), "wall_s": round(time.perf_counter() - t0, 2),
                    "sum_run_s": round(sum(r.get("seconds", 0) for r in ok), 2)},
     }
