@@ -440,7 +440,8 @@ def load_controlnet(model: str, cfg: ModelConfig, dtype: torch.dtype) -> Any:
                 "lllyasviel/sd-controlnet-canny)"
             )
         base, _ = load_pipelines(cfg.model_copy(update={"dtype": "float32"}), torch.device("cpu"))
-        return preset_controlnet(base.unet, cfg.seed, random_zero_convs=cfg.preset == "tiny").to(dtype=dtype)
+        cn = preset_controlnet(base.unet, cfg.seed, random_zero_convs=cfg.preset == "tiny")
+        return torch.nn.Module.to(cn, dtype=dtype)  # (ModelMixin.to warns on every dtype cast)
     path = Path(model).expanduser()
     try:
         if path.exists():
